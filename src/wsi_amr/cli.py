@@ -1,0 +1,293 @@
+"""The ``wsi-amr`` command line: a thin layer that parses options and calls the library.
+
+Options shared by several commands are defined once below and reused, so every subcommand spells
+``--out``, ``--jobs``, ``--mpp`` the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import __version__
+from .batch import (
+    BatchOptions,
+    InputError,
+    SlideResult,
+    append_summary,
+    check_output_folder,
+    make_tasks,
+    resolve_inputs,
+    run_batch,
+)
+from .progress import BatchProgress
+from .slide import SlideError, open_slide
+from .tissue import TissueParams
+
+app = typer.Typer(
+    name="wsi-amr",
+    help="Adaptive patching and Iterative Patch Selection for whole-slide images.\n\n"
+    "Example: wsi-amr tile slides/ -o out --mpp 0.5 --size 256",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# -- shared options ---------------------------------------------------------------------------
+Inputs = Annotated[
+    list[str],
+    typer.Argument(help="Slides, folders (searched recursively), globs, or - to read paths from stdin.",
+                   show_default=False),
+]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder; each slide gets OUT/<slide-stem>/.")]
+Jobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Slides processed in parallel (extra workers "
+                                   "speed up a single slide's tile reads).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo slides whose outputs are already complete.")]
+JsonLines = Annotated[bool, typer.Option("--json", help="Write one JSON line per slide on stdout.")]
+SlideMpp = Annotated[Optional[float], typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose "
+                                                   "scanner recorded none (overrides the file).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
+Mpp = Annotated[Optional[float], typer.Option("--mpp", help="Working resolution in µm/px [default: 0.5].")]
+Magnification = Annotated[Optional[float], typer.Option("--magnification", "--mag",
+                                                        help="Working resolution as objective magnification (e.g. 20).")]
+Modality = Annotated[str, typer.Option("--modality", help="brightfield (stained, white background), "
+                                       "fluorescence (dark background), or auto.")]
+TissueThreshold = Annotated[Optional[float], typer.Option("--tissue-threshold", help="Fixed threshold (0-255) "
+                                                          "on saturation/brightness instead of Otsu.")]
+MinTissueArea = Annotated[float, typer.Option("--min-area", help="Drop tissue pieces smaller than this (µm²).")]
+MinHoleArea = Annotated[float, typer.Option("--min-hole", help="Fill holes in tissue smaller than this (µm²).")]
+
+DEFAULT_OUT = Path("wsi-amr-out")
+
+
+def _fail_usage(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["wsi-amr", *sys.argv[1:]])
+
+
+def _tissue_params(modality: str, threshold: float | None, min_area: float, min_hole: float) -> TissueParams:
+    if modality not in ("auto", "brightfield", "fluorescence"):
+        _fail_usage(f"--modality must be auto, brightfield or fluorescence, not {modality!r}")
+    if threshold is not None and not 0 <= threshold <= 255:
+        _fail_usage(f"--tissue-threshold must be between 0 and 255, got {threshold}")
+    if min_area < 0 or min_hole < 0:
+        _fail_usage("--min-area and --min-hole must not be negative")
+    return TissueParams(modality=modality, threshold=threshold, min_area_um2=min_area, min_hole_um2=min_hole)  # type: ignore[arg-type]
+
+
+def run_slides(
+    command: str,
+    inputs: list[str],
+    params: dict[str, Any],
+    *,
+    out: Path,
+    jobs: int,
+    overwrite: bool,
+    json_lines: bool,
+    slide_mpp: float | None,
+    debug: bool,
+) -> None:
+    """Resolve inputs, run ``command`` on every slide, report, and exit with the batch status."""
+    if slide_mpp is not None and not slide_mpp > 0:
+        _fail_usage(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
+    slides, problems = resolve_inputs(inputs)
+    for p in problems:
+        typer.echo(f"error: {p}", err=True)
+    if not slides:
+        typer.echo("error: no slides to process", err=True)
+        raise typer.Exit(2)
+    try:
+        check_output_folder(out)
+    except InputError as exc:
+        _fail_usage(str(exc))
+    opts = BatchOptions(out=out, jobs=jobs, overwrite=overwrite, slide_mpp=slide_mpp, debug=debug,
+                        command_line=_command_line())
+    tasks, clashes = make_tasks(command, slides, params, opts)
+
+    def report(res: SlideResult) -> None:
+        if json_lines:
+            sys.stdout.write(json.dumps(res.to_json(), default=str) + "\n")
+            sys.stdout.flush()
+
+    for res in clashes:
+        report(res)
+    try:
+        results = run_batch(tasks, jobs=jobs, on_result=report,
+                            progress_factory=lambda n: BatchProgress(command, n))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished slides are kept; run the same command again to continue", err=True)
+        raise typer.Exit(130) from None
+    results = clashes + results
+    append_summary(out, results)
+    n_bad = _print_summary(command, results, problems, out)
+    raise typer.Exit(1 if n_bad or problems else 0)
+
+
+def _print_summary(command: str, results: list[SlideResult], problems: list[str], out: Path) -> int:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    bad = [r for r in results if not r.ok]
+    for r in bad:
+        label = {"empty": "warning", "locked": "busy"}.get(r.status, "failed")
+        typer.echo(f"{label}: {r.message}", err=True)
+    for r in results:
+        if r.ok and r.message and r.status == "done":
+            typer.echo(f"warning: {r.message}", err=True)
+    parts = [f"{v} {k}" for k, v in sorted(counts.items())]
+    if problems:
+        parts.append(f"{len(problems)} bad input{'s' if len(problems) > 1 else ''}")
+    typer.echo(f"wsi-amr {command}: {', '.join(parts)} -> {out}", err=True)
+    return len(bad)
+
+
+# -- commands -------------------------------------------------------------------------------------
+@app.command()
+def info(
+    inputs: Inputs,
+    json_out: JsonLines = False,
+    slide_mpp: SlideMpp = None,
+) -> None:
+    """Show format, size, levels, mpp and associated images of slides.
+
+    Example: wsi-amr info slide.svs --json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    slides, problems = resolve_inputs(inputs)
+    for p in problems:
+        typer.echo(f"error: {p}", err=True)
+    failed = 0
+    console = Console(stderr=False, soft_wrap=True)
+    for path in slides:
+        try:
+            with open_slide(path, slide_mpp=slide_mpp) as slide:
+                meta = slide.info()
+        except SlideError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            failed += 1
+            continue
+        if json_out:
+            sys.stdout.write(json.dumps(meta) + "\n")
+            continue
+        table = Table(title=str(path), show_header=False, title_justify="left")
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        for key in ("backend", "vendor", "width", "height", "level_count", "level_dimensions",
+                    "downsamples", "mpp_x", "mpp_y", "objective_power", "bounds_offset", "associated_images"):
+            table.add_row(key, str(meta[key]))
+        console.print(table)
+    if not slides:
+        raise typer.Exit(2)
+    raise typer.Exit(1 if failed or problems else 0)
+
+
+@app.command()
+def tissue(
+    inputs: Inputs,
+    out: Out = DEFAULT_OUT,
+    modality: Modality = "auto",
+    tissue_threshold: TissueThreshold = None,
+    min_area: MinTissueArea = TissueParams.min_area_um2,
+    min_hole: MinHoleArea = TissueParams.min_hole_um2,
+    jobs: Jobs = 1,
+    overwrite: Overwrite = False,
+    json_lines: JsonLines = False,
+    slide_mpp: SlideMpp = None,
+    debug: Debug = False,
+) -> None:
+    """Detect tissue: OUT/<stem>/tissue.geojson (QuPath annotations) and tissue.png.
+
+    Example: wsi-amr tissue slides/*.svs -o out
+    """
+    params = _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict()
+    run_slides("tissue", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
+               slide_mpp=slide_mpp, debug=debug)
+
+
+@app.command()
+def tile(
+    inputs: Inputs,
+    out: Out = DEFAULT_OUT,
+    mpp: Mpp = None,
+    magnification: Magnification = None,
+    size: Annotated[int, typer.Option("--size", min=1, help="Tile side in pixels at the working resolution.")] = 256,
+    overlap: Annotated[int, typer.Option("--overlap", min=0, help="Overlap between neighbouring tiles, pixels.")] = 0,
+    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this tissue "
+                                              "fraction (0-1).")] = 0.5,
+    no_tissue: Annotated[bool, typer.Option("--no-tissue", help="Tile the whole slide, no tissue detection.")] = False,
+    save_images: Annotated[bool, typer.Option("--save-images", help="Also write every tile as an image "
+                                              "in OUT/<stem>/tiles/<x>_<y>.<ext>.")] = False,
+    image_format: Annotated[str, typer.Option("--image-format", help="png or jpeg.")] = "png",
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")] = 90,
+    modality: Modality = "auto",
+    tissue_threshold: TissueThreshold = None,
+    min_area: MinTissueArea = TissueParams.min_area_um2,
+    min_hole: MinHoleArea = TissueParams.min_hole_um2,
+    jobs: Jobs = 1,
+    overwrite: Overwrite = False,
+    json_lines: JsonLines = False,
+    slide_mpp: SlideMpp = None,
+    debug: Debug = False,
+) -> None:
+    """Uniform tiles over tissue: OUT/<stem>/tiles.h5 (CLAM/TRIDENT coords) and tiles.png.
+
+    Example: wsi-amr tile slides/ -o out --mpp 0.5 --size 256 --save-images
+    """
+    if mpp is not None and magnification is not None:
+        _fail_usage("give either --mpp or --magnification, not both")
+    for name, value in (("--mpp", mpp), ("--magnification", magnification)):
+        if value is not None and not value > 0:
+            _fail_usage(f"{name} must be a positive number, got {value}")
+    if mpp is None and magnification is None:
+        mpp = 0.5
+    if overlap >= size:
+        _fail_usage(f"--overlap ({overlap}) must be smaller than --size ({size})")
+    if not 0.0 <= min_tissue <= 1.0:
+        _fail_usage(f"--min-tissue must be between 0 and 1, got {min_tissue}")
+    if image_format not in ("png", "jpeg", "jpg"):
+        _fail_usage(f"--image-format must be png or jpeg, not {image_format!r}")
+    tissue_p = None if no_tissue else _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict()
+    params = {
+        "tissue": tissue_p,
+        "tile": {
+            "mpp": mpp, "magnification": magnification, "size": size, "overlap": overlap,
+            "min_tissue": min_tissue, "save_images": save_images,
+            "image_format": "jpeg" if image_format == "jpg" else image_format, "quality": quality,
+        },
+    }
+    run_slides("tile", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
+               slide_mpp=slide_mpp, debug=debug)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wsi-amr {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Adaptive patching and Iterative Patch Selection for whole-slide images."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""``wsi-amr tile``: a uniform tile grid over the tissue of one slide, optionally with images."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..batch import EmptySlide, JobContext
+from ..outputs import TMP_PREFIX, write_png_atomic
+from ..slide import Resolution, Slide, open_slide
+from ..tiling import TileGrid, tile_grid, write_tiles_h5
+from .tissue import load_or_detect, overlay_image, tissue_params
+
+IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}
+
+
+def tile_image_name(x: int, y: int, fmt: str) -> str:
+    """File name of the tile at level-0 (x, y)."""
+    return f"{int(x)}_{int(y)}{IMAGE_FORMATS[fmt]}"
+
+
+def encode_tile(rgb: np.ndarray, fmt: str, quality: int) -> bytes:
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    if fmt == "jpeg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    else:
+        # Level 1: most of PNG's size gain at a fraction of the default level's time.
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError("could not encode tile image")
+    return buf.tobytes()
+
+
+def save_tile_images(
+    slide: Slide, grid: TileGrid, folder: Path, fmt: str, quality: int, threads: int, progress: Any
+) -> int:
+    """Read and write every tile image not already on disk; returns how many were written.
+
+    Each image goes to a temporary name and is renamed into place, so a file that exists is whole
+    and a re-run after an interruption only does the missing ones. Reads and encodes run on
+    ``threads`` threads (OpenSlide and OpenCV release the GIL while they work).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = {p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)}
+    todo = [(int(x), int(y)) for x, y in grid.coords if tile_image_name(x, y, fmt) not in existing]
+    total = len(grid.coords)
+    done = total - len(todo)
+    progress(done, total)
+    lock = threading.Lock()
+
+    def one(xy: tuple[int, int]) -> None:
+        x, y = xy
+        rgb = slide.read_region(x, y, grid.size, grid.size, grid.downsample)
+        data = encode_tile(rgb, fmt, quality)
+        final = folder / tile_image_name(x, y, fmt)
+        tmp = folder / f"{TMP_PREFIX}{threading.get_ident()}-{final.name}"
+        tmp.write_bytes(data)
+        tmp.replace(final)
+
+    if threads <= 1:
+        for xy in todo:
+            one(xy)
+            done += 1
+            if done % 64 == 0 or done == total:
+                progress(done, total)
+        return len(todo)
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque[Future[None]] = deque()
+        for xy in todo:
+            window.append(pool.submit(one, xy))
+            # Bound the work in flight so memory does not grow with the tile count.
+            while len(window) >= threads * 4:
+                window.popleft().result()
+                with lock:
+                    done += 1
+                if done % 64 == 0:
+                    progress(done, total)
+        while window:
+            window.popleft().result()
+            done += 1
+    progress(done, total)
+    return len(todo)
+
+
+def draw_tiles(rgb: np.ndarray, coords: np.ndarray, span0: float, downsample: float) -> np.ndarray:
+    """``rgb`` (the slide at ``downsample``) with each tile's outline drawn."""
+    out = rgb.copy()
+    if len(coords) == 0:
+        return out
+    s = span0 / downsample
+    xy = np.round(coords / downsample).astype(np.int32)
+    wh = max(1, int(round(s)))
+    for x, y in xy:
+        cv2.rectangle(out, (int(x), int(y)), (int(x) + wh - 1, int(y) + wh - 1), (0, 90, 255), 1)
+    return out
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    tp = ctx.params["tile"]
+    tissue = tissue_params(ctx.params["tissue"]) if ctx.params.get("tissue") is not None else None
+    res = Resolution(mpp=tp.get("mpp"), magnification=tp.get("magnification"))
+    with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
+        ds = slide.downsample_for(res)
+        w, h = slide.dimensions
+        tm = load_or_detect(ctx, slide, tissue) if tissue is not None else None
+        grid, frac = tile_grid(
+            w, h, size=int(tp["size"]), overlap=int(tp["overlap"]), downsample=ds,
+            tissue_mask=tm.mask if tm is not None else None,
+            mask_downsample=tm.downsample if tm is not None else 1.0,
+            min_tissue=float(tp["min_tissue"]),
+        )
+        level = slide.best_level_for_downsample(ds)
+        mpp0 = slide.mpp
+        attrs = {
+            "patch_level": level,
+            "downsample": np.array([slide.level_downsamples[level]] * 2, np.float64),
+            "level_dim": np.array(slide.level_dimensions[level], np.int64),
+            "downsampled_level_dim": np.array(slide.level_dimensions[level], np.int64),
+            "name": slide.stem,
+            "mpp": float(mpp0[0] * ds) if mpp0 else None,
+            "level0_mpp": float(mpp0[0]) if mpp0 else None,
+            "level0_magnification": slide.objective_power,
+            "target_magnification": (slide.objective_power / ds) if slide.objective_power else None,
+            "bounds_offset": np.array(slide.bounds_offset, np.int64),
+        }
+        write_tiles_h5(ctx.out_dir / "tiles.h5", grid, frac, attrs)
+        outputs = {"coords": "tiles.h5", "overlay": "tiles.png"}
+        if tm is not None:
+            base, f = overlay_image(tm.image)
+            odown = tm.downsample / f
+        else:
+            base, odown = slide.thumbnail(2048)
+        write_png_atomic(ctx.out_dir / "tiles.png", draw_tiles(base, grid.coords, grid.size_level0, odown))
+        written = 0
+        if tp.get("save_images"):
+            written = save_tile_images(
+                slide, grid, ctx.out_dir / "tiles", tp["image_format"], int(tp["quality"]),
+                ctx.threads, ctx.progress,
+            )
+            outputs["images"] = "tiles"
+        stats = {
+            "tiles": int(len(grid.coords)),
+            "images_written": written,
+            "downsample": round(ds, 6),
+            "patch_level": level,
+            "mpp": attrs["mpp"],
+            "tissue_fraction": float(tm.mask.mean()) if tm is not None else None,
+        }
+        if len(grid.coords) == 0:
+            raise EmptySlide(
+                f"{slide.name}: no tile has tissue >= {tp['min_tissue']} at {res.describe()} "
+                f"(slide {w}x{h} px); wrote an empty tiles.h5", outputs, stats,
+            )
+        return {"outputs": outputs, "stats": stats, "slide": slide.info()}

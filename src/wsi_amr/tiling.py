@@ -1,0 +1,146 @@
+"""Uniform tiling: a grid of tiles over the tissue at a target resolution.
+
+Pure functions give the grid and each tile's tissue fraction; :func:`write_tiles_h5` stores the
+coordinates in the layout CLAM and TRIDENT read (``coords`` dataset, level-0 top-left (x, y)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .outputs import atomic_path
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of ``size`` x ``size`` working pixels, ``downsample`` level-0 px per working px."""
+
+    coords: np.ndarray  # (N, 2) int64 level-0 top-left (x, y)
+    size: int  # working px
+    overlap: int  # working px
+    downsample: float  # level-0 px per working px
+
+    @property
+    def size_level0(self) -> int:
+        return int(round(self.size * self.downsample))
+
+
+def grid_coords(
+    width0: int, height0: int, size: int, overlap: int, downsample: float
+) -> np.ndarray:
+    """Level-0 top-left corners of every whole tile that fits in a ``width0`` x ``height0`` slide.
+
+    The step is ``size - overlap`` working pixels. Tiles are in row-major order (y, then x).
+    """
+    if size <= 0:
+        raise ValueError(f"tile size must be positive, got {size}")
+    if not 0 <= overlap < size:
+        raise ValueError(f"overlap must be in [0, size), got {overlap} for size {size}")
+    if downsample <= 0:
+        raise ValueError("downsample must be positive")
+    span = size * downsample
+    step = (size - overlap) * downsample
+    nx = int(math.floor((width0 - span) / step + 1e-9)) + 1 if width0 >= span else 0
+    ny = int(math.floor((height0 - span) / step + 1e-9)) + 1 if height0 >= span else 0
+    xs = np.floor(np.arange(nx) * step + 1e-6).astype(np.int64)
+    ys = np.floor(np.arange(ny) * step + 1e-6).astype(np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
+
+
+def tissue_fractions(
+    coords: np.ndarray, span0: float, tissue_mask: np.ndarray, mask_downsample: float
+) -> np.ndarray:
+    """Fraction of each tile's area that is tissue, from a mask at ``mask_downsample``.
+
+    ``span0`` is the tile side in level-0 px. Uses an integral image: O(1) per tile. A tile's box
+    is mapped to mask pixels whose centres fall inside it (at least one pixel).
+    """
+    if len(coords) == 0:
+        return np.zeros(0, np.float64)
+    h, w = tissue_mask.shape
+    integral = np.zeros((h + 1, w + 1), np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(tissue_mask.astype(np.int64), axis=0), axis=1)
+    x0 = np.clip(np.round(coords[:, 0] / mask_downsample), 0, w).astype(np.int64)
+    y0 = np.clip(np.round(coords[:, 1] / mask_downsample), 0, h).astype(np.int64)
+    x1 = np.clip(np.round((coords[:, 0] + span0) / mask_downsample), 0, w).astype(np.int64)
+    y1 = np.clip(np.round((coords[:, 1] + span0) / mask_downsample), 0, h).astype(np.int64)
+    x1 = np.maximum(x1, np.minimum(x0 + 1, w))
+    y1 = np.maximum(y1, np.minimum(y0 + 1, h))
+    area = (x1 - x0) * (y1 - y0)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return np.where(area > 0, inside / np.maximum(area, 1), 0.0)
+
+
+def tile_grid(
+    width0: int,
+    height0: int,
+    *,
+    size: int,
+    overlap: int,
+    downsample: float,
+    tissue_mask: np.ndarray | None,
+    mask_downsample: float,
+    min_tissue: float,
+) -> tuple[TileGrid, np.ndarray]:
+    """The tiles to keep and the tissue fraction of each kept tile.
+
+    With no ``tissue_mask`` every whole tile is kept (fraction 1.0); ``min_tissue`` 0 keeps all.
+    """
+    if not 0.0 <= min_tissue <= 1.0:
+        raise ValueError(f"--min-tissue must be between 0 and 1, got {min_tissue}")
+    coords = grid_coords(width0, height0, size, overlap, downsample)
+    if tissue_mask is None:
+        frac = np.ones(len(coords))
+    else:
+        frac = tissue_fractions(coords, size * downsample, tissue_mask, mask_downsample)
+    keep = frac >= min_tissue
+    return TileGrid(coords[keep], size, overlap, downsample), frac[keep]
+
+
+def write_tiles_h5(path: str | Path, grid: TileGrid, fractions: np.ndarray, attrs: dict[str, Any]) -> None:
+    """Write ``tiles.h5``: dataset ``coords`` (N, 2) int64 with CLAM/TRIDENT attributes.
+
+    ``attrs`` must hold the CLAM keys the caller knows (``patch_level``, ``downsample``,
+    ``level_dim``, ``downsampled_level_dim``, ``name``) and ``mpp``; ``patch_size``,
+    ``patch_size_level0`` and ``overlap`` are filled from ``grid``. A second dataset
+    ``tissue_fraction`` (N,) float32 is written beside it.
+    """
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=np.asarray(grid.coords, np.int64).reshape(-1, 2))
+            ds.attrs["patch_size"] = int(grid.size)
+            ds.attrs["patch_size_level0"] = int(grid.size_level0)
+            ds.attrs["overlap"] = int(grid.overlap)
+            ds.attrs["target_downsample"] = float(grid.downsample)
+            for key, value in attrs.items():
+                if value is None:
+                    continue
+                ds.attrs[key] = value
+            f.create_dataset("tissue_fraction", data=np.asarray(fractions, np.float32))
+
+
+def read_tiles_h5(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Coordinates (N, 2) and attributes of a ``tiles.h5`` (ours, CLAM's or TRIDENT's)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ds = f["coords"]
+        return np.asarray(ds[:], np.int64), {k: _attr(v) for k, v in ds.attrs.items()}
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
