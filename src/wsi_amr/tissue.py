@@ -26,13 +26,16 @@ class TissueParams:
     """Tissue detection settings. Areas in µm², lengths in µm, thresholds on a 0-255 scale."""
 
     modality: Modality = "auto"
-    threshold: float | None = None  # None: Otsu, floored at min_threshold
+    threshold: float | None = None  # None: Otsu, clipped to [min_threshold, max_threshold]
     min_threshold: float = 12.0
+    # Otsu assumes two populations; on an image that is all tissue (or all glass) it splits noise.
+    # Clipping keeps it sensible: glass is below ~10 saturation, stained tissue well above ~40.
+    max_threshold: float = 40.0
     detection_mpp: float = 8.0  # µm/px of the image detection runs on
     blur_um: float = 40.0  # median blur kernel width
     close_um: float = 50.0  # closing (fills gaps between tissue fragments)
-    min_area_um2: float = 20_000.0  # drop tissue pieces smaller than this
-    min_hole_um2: float = 10_000.0  # fill holes smaller than this
+    min_area_um2: float = 5_000.0  # drop tissue pieces smaller than this
+    min_hole_um2: float = 5_000.0  # fill holes smaller than this
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -81,7 +84,7 @@ def detect_tissue(
         thr = float(params.threshold)
     else:
         otsu, _ = cv2.threshold(signal, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        thr = max(float(otsu), params.min_threshold)
+        thr = min(max(float(otsu), params.min_threshold), params.max_threshold)
     mask = signal > thr
     close = _odd(params.close_um / mpp)
     if close > 1:

@@ -7,11 +7,12 @@ from typing import Any
 
 import cv2
 import numpy as np
+from shapely import clip_by_rect
 
 from ..batch import EmptySlide, JobContext, is_current_step
 from ..geojson import PathClass, make_feature, write_geojson
 from ..outputs import write_png_atomic
-from ..polygons import mask_to_polygons
+from ..polygons import mask_to_polygons, polygonal_parts
 from ..slide import Slide, open_slide
 from ..tissue import ASSUMED_MPP, TissueParams, detect_tissue, tissue_fraction
 
@@ -40,15 +41,15 @@ def tissue_params(params: dict[str, Any]) -> TissueParams:
 def detect_slide_tissue(slide: Slide, params: TissueParams) -> TissueMap:
     """Run tissue detection on a low-resolution read of the whole slide."""
     w, h = slide.dimensions
-    mpp0 = slide.require_mpp() if slide.mpp is not None else None
-    ds = max(1.0, params.detection_mpp / mpp0) if mpp0 else max(1.0, max(w, h) / 2048)
-    ds = max(ds, max(w, h) / MAX_DETECTION_SIDE)
+    assumed = slide.mpp is None
+    mpp0 = ASSUMED_MPP if assumed else slide.require_mpp()
+    ds = max(1.0, params.detection_mpp / mpp0, max(w, h) / MAX_DETECTION_SIDE)
     tw, th = max(1, int(round(w / ds))), max(1, int(round(h / ds)))
     ds = max(w / tw, h / th)
     rgb = slide.read_region(0, 0, tw, th, ds)
-    mpp = (mpp0 if mpp0 else ASSUMED_MPP) * ds
+    mpp = mpp0 * ds
     mask, info = detect_tissue(rgb, mpp, params)
-    info["mpp_assumed"] = mpp0 is None
+    info["mpp_assumed"] = assumed
     return TissueMap(mask, rgb, ds, mpp, info)
 
 
@@ -95,6 +96,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
         polys = mask_to_polygons(
             tm.mask, scale=tm.downsample, offset=(-bx, -by), simplify=tm.downsample * 0.5
         )
+        # The low-resolution read may run a fraction of a pixel past the slide edge: clip to it.
+        w, h = slide.dimensions
+        polys = [p for q in polys for p in polygonal_parts(clip_by_rect(q, -bx, -by, w - bx, h - by))]
         px_um2 = (tm.mpp / tm.downsample) ** 2
         features = [
             make_feature(p, object_type="annotation", classification=TISSUE_CLASS,

@@ -1,0 +1,69 @@
+"""Uniform tiling: grid arithmetic and tissue fractions on arrays."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from wsi_amr.tiling import grid_coords, read_tiles_h5, tile_grid, tissue_fractions, write_tiles_h5
+
+
+def test_grid_counts_whole_tiles_only():
+    c = grid_coords(1000, 600, 256, 0, 1.0)
+    assert len(c) == 3 * 2
+    assert c[:, 0].max() + 256 <= 1000 and c[:, 1].max() + 256 <= 600
+    assert c.dtype == np.int64 and c.shape[1] == 2
+
+
+def test_grid_with_overlap_and_downsample():
+    c = grid_coords(2048, 1024, 256, 64, 2.0)  # span 512 px, step 384 px level 0
+    xs = sorted(set(c[:, 0].tolist()))
+    assert xs == [0, 384, 768, 1152, 1536]
+    assert sorted(set(c[:, 1].tolist())) == [0, 384]
+
+
+def test_grid_on_slide_smaller_than_a_tile_is_empty():
+    assert len(grid_coords(16, 16, 256, 0, 1.0)) == 0
+
+
+@pytest.mark.parametrize("size,overlap", [(0, 0), (256, 256), (256, -1)])
+def test_grid_rejects_bad_sizes(size, overlap):
+    with pytest.raises(ValueError):
+        grid_coords(1000, 1000, size, overlap, 1.0)
+
+
+def test_tissue_fractions_are_exact_on_aligned_masks():
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 16:32] = True  # mask at downsample 16 -> level-0 box 256..768 x 256..512
+    coords = np.array([[256, 256], [512, 256], [256, 512], [0, 0], [384, 256]])
+    f = tissue_fractions(coords, 256.0, mask, 16.0)
+    np.testing.assert_allclose(f, [1.0, 0.0, 1.0, 0.0, 0.5])
+
+
+def test_tile_grid_filters_by_min_tissue():
+    mask = np.zeros((64, 64), bool)
+    mask[:, :32] = True
+    grid, frac = tile_grid(1024, 1024, size=256, overlap=0, downsample=1.0, tissue_mask=mask,
+                           mask_downsample=16.0, min_tissue=0.5)
+    assert len(grid.coords) == 8 and (frac == 1.0).all()
+    grid_all, _ = tile_grid(1024, 1024, size=256, overlap=0, downsample=1.0, tissue_mask=mask,
+                            mask_downsample=16.0, min_tissue=0.0)
+    assert len(grid_all.coords) == 16
+    with pytest.raises(ValueError):
+        tile_grid(1024, 1024, size=256, overlap=0, downsample=1.0, tissue_mask=None, mask_downsample=1, min_tissue=2)
+
+
+def test_tiles_h5_layout_round_trips(tmp_path):
+    grid, frac = tile_grid(1024, 512, size=256, overlap=0, downsample=2.0, tissue_mask=None,
+                           mask_downsample=1.0, min_tissue=0.5)
+    path = tmp_path / "tiles.h5"
+    write_tiles_h5(path, grid, frac, {"patch_level": 1, "downsample": np.array([2.0, 2.0]),
+                                      "level_dim": np.array([512, 256]), "downsampled_level_dim": np.array([512, 256]),
+                                      "name": "s", "mpp": 1.0})
+    coords, attrs = read_tiles_h5(path)
+    np.testing.assert_array_equal(coords, grid.coords)
+    assert attrs["patch_size"] == 256 and attrs["patch_size_level0"] == 512 and attrs["overlap"] == 0
+    assert attrs["name"] == "s" and attrs["mpp"] == 1.0
+    with h5py.File(path) as f:
+        assert f["coords"].dtype == np.int64 and f["coords"].shape == (2, 2)
