@@ -127,7 +127,8 @@ def _read_tiles(path: Path):
 def test_tiles_h5_has_clam_attributes_and_images_match_reads(runner, slides_dir, tmp_path):
     slide_path = slides_dir / "aperio" / "CMU-1-Small-Region.svs"
     out = tmp_path / "out"
-    res = invoke(runner, "tile", slide_path, "-o", out, "--mpp", "1.0", "--size", "128", "--save-images")
+    res = invoke(runner, "tile", slide_path, "-o", out, "--mpp", "1.0", "--size", "128", "--save-images",
+                 "--image-format", "png")
     assert res.exit_code == 0, res.stderr
     coords, attrs = _read_tiles(out / "CMU-1-Small-Region" / "tiles.h5")
     assert coords.dtype == np.int64 and coords.ndim == 2 and coords.shape[1] == 2 and len(coords) > 20
@@ -263,7 +264,7 @@ def test_killed_tile_run_resumes_without_redoing_or_partial_files(tmp_path):
     done_slide = write_pyramid_tiff(tmp_path / "done.tiff", textured(768, 768))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    base = [*CLI, "tile", "--mpp", "0.5", "--size", "64", "--save-images", "-o", str(out)]
+    base = [*CLI, "tile", "--mpp", "0.5", "--size", "64", "--save-images", "--image-format", "png", "-o", str(out)]
     subprocess.run([*base, str(done_slide)], check=True, env=env, capture_output=True)
     done_manifest = (out / "done" / "manifest.json").read_text()
     proc = subprocess.Popen([*base, str(done_slide), str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -67,3 +67,31 @@ def test_tiles_h5_layout_round_trips(tmp_path):
     assert attrs["name"] == "s" and attrs["mpp"] == 1.0
     with h5py.File(path) as f:
         assert f["coords"].dtype == np.int64 and f["coords"].shape == (2, 2)
+
+
+def test_atomic_writes_leave_normal_permissions_and_no_temporaries(tmp_path):
+    import os
+
+    from wsi_amr.outputs import atomic_path, write_json_atomic
+
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    mode = (tmp_path / "a.json").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_read_order_is_a_blocked_permutation():
+    from wsi_amr.tiling import read_order
+
+    coords = grid_coords(2048, 1024, 256, 0, 1.0)  # 8 x 4 tiles, row-major
+    order = read_order(coords, 512)
+    assert sorted(order.tolist()) == list(range(len(coords)))
+    first_block = coords[order[:4]]
+    assert first_block.tolist() == [[0, 0], [256, 0], [0, 256], [256, 256]]
+    assert len(read_order(coords[:0], 512)) == 0

@@ -229,7 +229,7 @@ def tile(
     no_tissue: Annotated[bool, typer.Option("--no-tissue", help="Tile the whole slide, no tissue detection.")] = False,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write every tile as an image "
                                               "in OUT/<stem>/tiles/<x>_<y>.<ext>.")] = False,
-    image_format: Annotated[str, typer.Option("--image-format", help="png or jpeg.")] = "png",
+    image_format: Annotated[str, typer.Option("--image-format", help="jpeg (fast, small) or png (lossless).")] = "jpeg",
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")] = 90,
     modality: Modality = "auto",
     tissue_threshold: TissueThreshold = None,

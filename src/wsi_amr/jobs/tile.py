@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,7 @@ import numpy as np
 from ..batch import EmptySlide, JobContext
 from ..outputs import TMP_PREFIX, write_png_atomic
 from ..slide import Resolution, Slide, open_slide
-from ..tiling import TileGrid, tile_grid, write_tiles_h5
+from ..tiling import TileGrid, read_order, tile_grid, write_tiles_h5
 from .tissue import load_or_detect, overlay_image, tissue_params
 
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}
@@ -38,54 +42,102 @@ def encode_tile(rgb: np.ndarray, fmt: str, quality: int) -> bytes:
 
 
 def save_tile_images(
-    slide: Slide, grid: TileGrid, folder: Path, fmt: str, quality: int, threads: int, progress: Any
+    slide: Slide, grid: TileGrid, folder: Path, fmt: str, quality: int, workers: int, progress: Any
 ) -> int:
     """Read and write every tile image not already on disk; returns how many were written.
 
     Each image goes to a temporary name and is renamed into place, so a file that exists is whole
-    and a re-run after an interruption only does the missing ones. Reads and encodes run on
-    ``threads`` threads (OpenSlide and OpenCV release the GIL while they work).
+    and a re-run after an interruption only does the missing ones. With one worker, reads stay on
+    this thread while encoding and writing run on a second one, overlapping the next read. With
+    more, the tiles are split among that many processes (threads share one interpreter lock and
+    scaled poorly here); inside a batch worker process, threads are used instead.
     """
     folder.mkdir(parents=True, exist_ok=True)
     existing = {p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)}
-    todo = [(int(x), int(y)) for x, y in grid.coords if tile_image_name(x, y, fmt) not in existing]
+    # Read in blocks of about 4 x 4 tiles so neighbours hit the slide decoder's cache.
+    order = read_order(grid.coords, max(1024.0, 4 * grid.size * grid.downsample))
+    todo = [(int(x), int(y)) for x, y in grid.coords[order] if tile_image_name(x, y, fmt) not in existing]
     total = len(grid.coords)
     done = total - len(todo)
     progress(done, total)
-    lock = threading.Lock()
-
-    def one(xy: tuple[int, int]) -> None:
-        x, y = xy
-        rgb = slide.read_region(x, y, grid.size, grid.size, grid.downsample)
-        data = encode_tile(rgb, fmt, quality)
-        final = folder / tile_image_name(x, y, fmt)
-        tmp = folder / f"{TMP_PREFIX}{threading.get_ident()}-{final.name}"
-        tmp.write_bytes(data)
-        tmp.replace(final)
-
-    if threads <= 1:
-        for xy in todo:
-            one(xy)
-            done += 1
-            if done % 64 == 0 or done == total:
+    spec = _TileSpec(str(slide.path), slide.mpp_override, grid.size, grid.downsample, str(folder), fmt, quality)
+    if workers > 1 and len(todo) > 4 * _CHUNK and multiprocessing.parent_process() is None:
+        chunks = [todo[i : i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for n in pool.map(_write_chunk, [spec] * len(chunks), chunks):
+                done += n
                 progress(done, total)
         return len(todo)
+    for n in _write_tiles(slide, spec, todo, threads=workers):
+        done += n
+        progress(done, total)
+    return len(todo)
+
+
+_CHUNK = 256  # tiles per unit of work handed to a process
+
+
+@dataclass(frozen=True)
+class _TileSpec:
+    slide: str
+    slide_mpp: float | None
+    size: int
+    downsample: float
+    folder: str
+    fmt: str
+    quality: int
+
+
+def _write_chunk(spec: _TileSpec, coords: list[tuple[int, int]]) -> int:
+    # Every core already runs one of these processes: encode inline, no writer thread.
+    with open_slide(spec.slide, slide_mpp=spec.slide_mpp) as slide:
+        return sum(_write_tiles(slide, spec, coords, threads=0))
+
+
+def _write_tiles(slide: Slide, spec: _TileSpec, coords: list[tuple[int, int]], threads: int) -> Iterator[int]:
+    """Write the tiles at ``coords``; yields counts of finished tiles as they complete.
+
+    ``threads`` 0: all on this thread; 1: reads here, encoding and writing on one helper thread;
+    more: that many threads each reading, encoding and writing.
+    """
+    folder = Path(spec.folder)
+
+    def read(xy: tuple[int, int]) -> np.ndarray:
+        return slide.read_region(xy[0], xy[1], spec.size, spec.size, spec.downsample)
+
+    def write(xy: tuple[int, int], rgb: np.ndarray) -> None:
+        final = folder / tile_image_name(xy[0], xy[1], spec.fmt)
+        tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{final.name}"
+        tmp.write_bytes(encode_tile(rgb, spec.fmt, spec.quality))
+        tmp.replace(final)
+
+    if threads <= 0:
+        for i, xy in enumerate(coords, 1):
+            write(xy, read(xy))
+            if i % 64 == 0:
+                yield 64
+        yield len(coords) % 64
+        return
     with ThreadPoolExecutor(threads) as pool:
         window: deque[Future[None]] = deque()
-        for xy in todo:
-            window.append(pool.submit(one, xy))
-            # Bound the work in flight so memory does not grow with the tile count.
-            while len(window) >= threads * 4:
+        finished = 0
+        for xy in coords:
+            if threads <= 1:
+                window.append(pool.submit(write, xy, read(xy)))
+            else:
+                window.append(pool.submit(lambda xy=xy: write(xy, read(xy))))
+            # Bound the tiles in flight so memory does not grow with the tile count.
+            while len(window) > 4 * max(1, threads):
                 window.popleft().result()
-                with lock:
-                    done += 1
-                if done % 64 == 0:
-                    progress(done, total)
+                finished += 1
+                if finished == 64:
+                    yield finished
+                    finished = 0
         while window:
             window.popleft().result()
-            done += 1
-    progress(done, total)
-    return len(todo)
+            finished += 1
+        yield finished
 
 
 def draw_tiles(rgb: np.ndarray, coords: np.ndarray, span0: float, downsample: float) -> np.ndarray:
