@@ -54,8 +54,8 @@ def save_tile_images(
     """
     folder.mkdir(parents=True, exist_ok=True)
     existing = {p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)}
-    # Read in blocks of about 4 x 4 tiles so neighbours hit the slide decoder's cache.
-    order = read_order(grid.coords, max(1024.0, 4 * grid.size * grid.downsample))
+    # Read block by block so that neighbouring tiles come from one read.
+    order = read_order(grid.coords, read_block(grid.size, grid.downsample))
     todo = [(int(x), int(y)) for x, y in grid.coords[order] if tile_image_name(x, y, fmt) not in existing]
     total = len(grid.coords)
     done = total - len(todo)
@@ -89,22 +89,27 @@ class _TileSpec:
     quality: int
 
 
+_worker_slides: dict[tuple[str, float | None], Slide] = {}
+
+
 def _write_chunk(spec: _TileSpec, coords: list[tuple[int, int]]) -> int:
+    # One open slide per worker process, kept across chunks: opening costs tens of ms on a big
+    # pyramid and would start every chunk with a cold decode cache.
+    key = (spec.slide, spec.slide_mpp)
+    slide = _worker_slides.get(key)
+    if slide is None:
+        slide = _worker_slides[key] = open_slide(spec.slide, slide_mpp=spec.slide_mpp)
     # Every core already runs one of these processes: encode inline, no writer thread.
-    with open_slide(spec.slide, slide_mpp=spec.slide_mpp) as slide:
-        return sum(_write_tiles(slide, spec, coords, threads=0))
+    return sum(_write_tiles(slide, spec, coords, threads=0))
 
 
 def _write_tiles(slide: Slide, spec: _TileSpec, coords: list[tuple[int, int]], threads: int) -> Iterator[int]:
     """Write the tiles at ``coords``; yields counts of finished tiles as they complete.
 
     ``threads`` 0: all on this thread; 1: reads here, encoding and writing on one helper thread;
-    more: that many threads each reading, encoding and writing.
+    more: reads here, encoding and writing on that many threads.
     """
     folder = Path(spec.folder)
-
-    def read(xy: tuple[int, int]) -> np.ndarray:
-        return slide.read_region(xy[0], xy[1], spec.size, spec.size, spec.downsample)
 
     def write(xy: tuple[int, int], rgb: np.ndarray) -> None:
         final = folder / tile_image_name(xy[0], xy[1], spec.fmt)
@@ -112,9 +117,11 @@ def _write_tiles(slide: Slide, spec: _TileSpec, coords: list[tuple[int, int]], t
         tmp.write_bytes(encode_tile(rgb, spec.fmt, spec.quality))
         tmp.replace(final)
 
+    # One read per tile: reading a whole block and slicing it measured slower with OpenSlide.
+    tiles = ((xy, slide.read_region(xy[0], xy[1], spec.size, spec.size, spec.downsample)) for xy in coords)
     if threads <= 0:
-        for i, xy in enumerate(coords, 1):
-            write(xy, read(xy))
+        for i, (xy, rgb) in enumerate(tiles, 1):
+            write(xy, rgb)
             if i % 64 == 0:
                 yield 64
         yield len(coords) % 64
@@ -122,13 +129,10 @@ def _write_tiles(slide: Slide, spec: _TileSpec, coords: list[tuple[int, int]], t
     with ThreadPoolExecutor(threads) as pool:
         window: deque[Future[None]] = deque()
         finished = 0
-        for xy in coords:
-            if threads <= 1:
-                window.append(pool.submit(write, xy, read(xy)))
-            else:
-                window.append(pool.submit(lambda xy=xy: write(xy, read(xy))))
+        for xy, rgb in tiles:
+            window.append(pool.submit(write, xy, rgb))
             # Bound the tiles in flight so memory does not grow with the tile count.
-            while len(window) > 4 * max(1, threads):
+            while len(window) > 4 * threads:
                 window.popleft().result()
                 finished += 1
                 if finished == 64:
@@ -138,6 +142,11 @@ def _write_tiles(slide: Slide, spec: _TileSpec, coords: list[tuple[int, int]], t
             window.popleft().result()
             finished += 1
         yield finished
+
+
+def read_block(size: int, downsample: float) -> float:
+    """Side, level-0 px, of the blocks tiles are visited in: about 4 x 4 tiles, at least 1024 px."""
+    return max(1024.0, 4 * size * downsample)
 
 
 def draw_tiles(rgb: np.ndarray, coords: np.ndarray, span0: float, downsample: float) -> np.ndarray:
