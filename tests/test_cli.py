@@ -291,3 +291,16 @@ def test_killed_tile_run_resumes_without_redoing_or_partial_files(tmp_path):
     assert len(list(tiles.glob("*.png"))) == len(coords)
     for p in list(tiles.glob("*.png"))[:: max(1, len(coords) // 50)]:
         assert cv2.imread(str(p)) is not None
+
+
+def test_one_slide_split_over_worker_processes_gives_the_same_images(runner, rect_slide, tmp_path):
+    path, _ = rect_slide
+    args = ["--mpp", "0.5", "--size", "64", "--save-images", "--image-format", "png"]
+    invoke(runner, "tile", path, "-o", tmp_path / "serial", *args)
+    res = invoke(runner, "tile", path, "-o", tmp_path / "par", "--jobs", "2", *args, "--json")
+    assert res.exit_code == 0, res.stderr
+    a = sorted(p.name for p in (tmp_path / "serial" / "rect" / "tiles").iterdir())
+    b = sorted(p.name for p in (tmp_path / "par" / "rect" / "tiles").iterdir())
+    assert a == b and len(a) == json_lines(res.stdout)[0]["stats"]["tiles"] > 256
+    for name in a[:: len(a) // 10]:
+        assert (tmp_path / "serial" / "rect" / "tiles" / name).read_bytes() == (tmp_path / "par" / "rect" / "tiles" / name).read_bytes()

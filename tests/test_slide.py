@@ -133,3 +133,23 @@ def test_slide_stem_strips_multi_part_extensions():
     assert slide_stem("a/b/OS-1.ome.tif") == "OS-1"
     assert slide_stem("x.svs") == "x"
     assert slide_stem("x.y.tiff") == "x.y"
+
+
+def test_direct_tile_decoding_matches_openslide_exactly(tmp_path: Path):
+    img = np.full((1536, 2048, 3), 240, np.uint8)
+    img[100:1400, 200:1900] = textured(1300, 1700)
+    path = write_pyramid_tiff(tmp_path / "d.tiff", img, mpp=0.5, tile=256, compression="jpeg")
+    with open_slide(path) as slide:
+        assert slide.backend == "openslide" and slide._direct is not None
+        assert 0 in slide._direct_levels
+        for level in range(slide.level_count):
+            for x, y in [(0, 0), (512, 256), (1900, 1400), (1000, 700)]:
+                got = slide.read_level(level, x, y, 300, 200)
+                ref = slide._read_openslide(level, x, y, 300, 200)
+                np.testing.assert_array_equal(got, ref)
+
+
+def test_small_tiles_stay_on_openslide(slides_dir: Path):
+    # CMU-1-Small-Region has 240-px tiles: below the size where direct decoding pays off.
+    with open_slide(slides_dir / "aperio" / "CMU-1-Small-Region.svs") as slide:
+        assert slide._direct is None

@@ -274,8 +274,59 @@ class OpenSlideSlide(Slide):
             int(_positive_float(props.get(openslide.PROPERTY_NAME_BOUNDS_Y)) or 0),
         )
         self.associated_images = tuple(sorted(self._osr.associated_images))
+        self._direct: TiffSlide | None = None
+        self._direct_levels: frozenset[int] = frozenset()
+        if self.vendor in _DIRECT_VENDORS:
+            self._enable_direct_reads()
+
+    def _enable_direct_reads(self) -> None:
+        """Decode TIFF tiles ourselves where that gives OpenSlide's pixels exactly.
+
+        OpenSlide composites every read through a paint path that costs ~17 ns a pixel even when
+        the tile is cached; decoding the file's own tiles (cached, tifffile + imagecodecs) is ~4x
+        faster on 512-px JPEG tiles. Used only for levels with an exact integer downsample and
+        large tiles, and only after a test read matches OpenSlide's pixel for pixel.
+        """
+        try:
+            direct = TiffSlide(self.path)
+        except Exception:
+            return
+        if direct.level_dimensions != self.level_dimensions:
+            direct.close()
+            return
+        w0, h0 = self.dimensions
+        levels = set()
+        for i, (w, h) in enumerate(self.level_dimensions):
+            page = direct._levels[i][0] if len(direct._levels[i]) == 1 else None
+            ds = round(self.level_downsamples[i])
+            if page is None or not page.is_tiled or min(page.tilewidth, page.tilelength) < _DIRECT_MIN_TILE:
+                continue
+            if w * ds == w0 and h * ds == h0 and abs(self.level_downsamples[i] - ds) < 1e-9:
+                levels.add(i)
+        if 0 not in levels:
+            direct.close()
+            return
+        try:
+            x, y = (w0 // 2) & ~63, (h0 // 2) & ~63
+            probe = min(128, w0 - x, h0 - y)
+            same = np.array_equal(
+                direct.read_level(0, x, y, probe, probe), self._read_openslide(0, x, y, probe, probe)
+            )
+        except Exception:
+            same = False
+        if not same:
+            direct.close()
+            return
+        self._direct, self._direct_levels = direct, frozenset(levels)
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        if self._direct is not None and level in self._direct_levels:
+            ds = round(self.level_downsamples[level])
+            if x % ds == 0 and y % ds == 0:
+                return self._direct.read_level(level, x, y, width, height)
+        return self._read_openslide(level, x, y, width, height)
+
+    def _read_openslide(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         if _RAW_READ is None:
             return self._read_level_pil(level, x, y, width, height)
         # Straight into a numpy buffer: premultiplied ARGB words, B,G,R,A bytes on little-endian.
@@ -299,6 +350,8 @@ class OpenSlideSlide(Slide):
         return rgb
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self._osr.close()
 
 
@@ -315,6 +368,9 @@ def _raw_reader() -> Any:
 
 
 _RAW_READ = _raw_reader()
+# TIFF-based formats whose levels are plain tiled TIFF pages, eligible for direct tile decoding.
+_DIRECT_VENDORS = frozenset({"generic-tiff", "aperio"})
+_DIRECT_MIN_TILE = 256
 _UINT32_P = ctypes.POINTER(ctypes.c_uint32)
 
 

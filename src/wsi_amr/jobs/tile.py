@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -42,32 +43,31 @@ def encode_tile(rgb: np.ndarray, fmt: str, quality: int) -> bytes:
 
 
 def save_tile_images(
-    slide: Slide, grid: TileGrid, folder: Path, fmt: str, quality: int, workers: int, progress: Any
+    slide: Slide, grid: TileGrid, folder: Path, fmt: str, quality: int, workers: int, progress: Any,
+    pool: ProcessPoolExecutor | None = None,
 ) -> int:
     """Read and write every tile image not already on disk; returns how many were written.
 
     Each image goes to a temporary name and is renamed into place, so a file that exists is whole
     and a re-run after an interruption only does the missing ones. With one worker, reads stay on
-    this thread while encoding and writing run on a second one, overlapping the next read. With
-    more, the tiles are split among that many processes (threads share one interpreter lock and
-    scaled poorly here); inside a batch worker process, threads are used instead.
+    this thread while encoding and writing run on a second one, overlapping the next read. Given
+    ``pool`` (see :func:`start_tile_pool`), chunks of tiles go to its processes (threads share one
+    interpreter lock and scaled poorly here); otherwise ``workers`` threads are used.
     """
     folder.mkdir(parents=True, exist_ok=True)
     existing = {p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)}
-    # Read block by block so that neighbouring tiles come from one read.
+    # Visit block by block so that neighbouring tiles hit the slide decoder's cache.
     order = read_order(grid.coords, read_block(grid.size, grid.downsample))
     todo = [(int(x), int(y)) for x, y in grid.coords[order] if tile_image_name(x, y, fmt) not in existing]
     total = len(grid.coords)
     done = total - len(todo)
     progress(done, total)
     spec = _TileSpec(str(slide.path), slide.mpp_override, grid.size, grid.downsample, str(folder), fmt, quality)
-    if workers > 1 and len(todo) > 4 * _CHUNK and multiprocessing.parent_process() is None:
+    if pool is not None and len(todo) > _CHUNK:
         chunks = [todo[i : i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for n in pool.map(_write_chunk, [spec] * len(chunks), chunks):
-                done += n
-                progress(done, total)
+        for n in pool.map(_write_chunk, [spec] * len(chunks), chunks):
+            done += n
+            progress(done, total)
         return len(todo)
     for n in _write_tiles(slide, spec, todo, threads=workers):
         done += n
@@ -92,15 +92,33 @@ class _TileSpec:
 _worker_slides: dict[tuple[str, float | None], Slide] = {}
 
 
-def _write_chunk(spec: _TileSpec, coords: list[tuple[int, int]]) -> int:
+def _worker_slide(path: str, slide_mpp: float | None) -> Slide:
     # One open slide per worker process, kept across chunks: opening costs tens of ms on a big
     # pyramid and would start every chunk with a cold decode cache.
-    key = (spec.slide, spec.slide_mpp)
+    key = (path, slide_mpp)
     slide = _worker_slides.get(key)
     if slide is None:
-        slide = _worker_slides[key] = open_slide(spec.slide, slide_mpp=spec.slide_mpp)
+        slide = _worker_slides[key] = open_slide(path, slide_mpp=slide_mpp)
+    return slide
+
+
+def _write_chunk(spec: _TileSpec, coords: list[tuple[int, int]]) -> int:
+    slide = _worker_slide(spec.slide, spec.slide_mpp)
     # Every core already runs one of these processes: encode inline, no writer thread.
     return sum(_write_tiles(slide, spec, coords, threads=0))
+
+
+@contextlib.contextmanager
+def start_tile_pool(workers: int, slide: Path, slide_mpp: float | None) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``workers`` processes that open ``slide`` now, while the caller detects tissue:
+    their start-up (interpreter, imports, opening the slide) overlaps that work."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        for _ in range(workers):
+            pool.submit(_worker_slide, str(slide), slide_mpp).add_done_callback(lambda f: None)
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_tiles(slide: Slide, spec: _TileSpec, coords: list[tuple[int, int]], threads: int) -> Iterator[int]:
@@ -166,6 +184,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
     tp = ctx.params["tile"]
     tissue = tissue_params(ctx.params["tissue"]) if ctx.params.get("tissue") is not None else None
     res = Resolution(mpp=tp.get("mpp"), magnification=tp.get("magnification"))
+    # Several workers for one slide (a batch smaller than --jobs): processes, started early.
+    use_pool = bool(tp.get("save_images")) and ctx.threads > 1 and multiprocessing.parent_process() is None
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(start_tile_pool(ctx.threads, ctx.slide_path, ctx.slide_mpp)) if use_pool else None
+        return _run(ctx, tp, tissue, res, pool)
+
+
+def _run(ctx: JobContext, tp: dict[str, Any], tissue: Any, res: Resolution, pool: ProcessPoolExecutor | None) -> dict[str, Any]:
     with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
         ds = slide.downsample_for(res)
         w, h = slide.dimensions
@@ -202,7 +228,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if tp.get("save_images"):
             written = save_tile_images(
                 slide, grid, ctx.out_dir / "tiles", tp["image_format"], int(tp["quality"]),
-                ctx.threads, ctx.progress,
+                ctx.threads, ctx.progress, pool,
             )
             outputs["images"] = "tiles"
         stats = {
