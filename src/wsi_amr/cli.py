@@ -133,6 +133,13 @@ def run_slides(
     raise typer.Exit(1 if n_bad or problems else 0)
 
 
+SUMMARY_SLIDES = 10  # up to this many finished slides get a line of their own
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _print_summary(command: str, results: list[SlideResult], problems: list[str], out: Path) -> int:
     counts: dict[str, int] = {}
     for r in results:
@@ -141,9 +148,14 @@ def _print_summary(command: str, results: list[SlideResult], problems: list[str]
     for r in bad:
         label = {"empty": "warning", "locked": "busy"}.get(r.status, "failed")
         typer.echo(f"{label}: {r.message}", err=True)
-    for r in results:
-        if r.ok and r.message and r.status == "done":
+    done = [r for r in results if r.status == "done"]
+    for r in done:
+        if r.message:
             typer.echo(f"warning: {r.message}", err=True)
+    if len(done) <= SUMMARY_SLIDES:
+        for r in done:
+            stats = " ".join(f"{k}={_fmt(v)}" for k, v in r.stats.items() if isinstance(v, (int, float, str)))
+            typer.echo(f"done: {r.stem} ({r.seconds:.1f}s) {stats}", err=True)
     parts = [f"{v} {k}" for k, v in sorted(counts.items())]
     if problems:
         parts.append(f"{len(problems)} bad input{'s' if len(problems) > 1 else ''}")
