@@ -1,0 +1,259 @@
+"""Adaptive quadtree patching (the AMR step of Zhang et al., SC 2024), as pure array functions.
+
+An image at the working resolution is split with a quadtree that refines only where there is
+detail. Detail is the count of Canny edge pixels in a node (Gaussian blur, then Canny, as the
+authors' code does), read in O(1) per node from an integral image, so building the tree costs
+about one pass over the edge map. Two modes:
+
+- threshold: split a node while its detail exceeds ``split_threshold`` (optionally per pixel, so
+  the threshold means the same at every node size) and it is larger than ``min_size``;
+- budget: split the most detailed splittable leaf until ``max_tokens`` leaves exist.
+
+Leaves entirely outside the tissue mask are dropped: they produce no tokens. Leaves come out in
+Z-order (Morton order of their top-left corners), with their geometry (x, y, size).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+class QuadtreeError(ValueError):
+    """Parameters or inputs the quadtree cannot work with; one line for the user."""
+
+
+def is_power_of_two(n: int) -> bool:
+    return isinstance(n, (int, np.integer)) and n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass(frozen=True)
+class QuadtreeParams:
+    """Quadtree settings. Sizes in working pixels (powers of two)."""
+
+    min_size: int = 8
+    max_size: int = 256
+    blur_kernel: int = 3  # Gaussian kernel (odd); 0 or 1: no blur
+    canny_low: float = 100.0
+    canny_high: float = 200.0
+    split_threshold: float = 0.05  # edge pixels per pixel when normalise, else edge pixels
+    normalise: bool = True
+    max_tokens: int | None = None  # budget mode when set
+
+    def validate(self) -> None:
+        if not is_power_of_two(self.min_size):
+            raise QuadtreeError(f"--min-size must be a power of two, got {self.min_size}")
+        if not is_power_of_two(self.max_size):
+            raise QuadtreeError(f"--max-size must be a power of two, got {self.max_size}")
+        if self.min_size > self.max_size:
+            raise QuadtreeError(f"--min-size ({self.min_size}) is larger than --max-size ({self.max_size})")
+        if self.blur_kernel < 0 or (self.blur_kernel > 1 and self.blur_kernel % 2 == 0):
+            raise QuadtreeError(f"--blur must be 0, 1 or an odd number of pixels, got {self.blur_kernel}")
+        if not 0 <= self.canny_low <= self.canny_high:
+            raise QuadtreeError(f"Canny thresholds must satisfy 0 <= low <= high, got {self.canny_low}/{self.canny_high}")
+        if self.split_threshold < 0:
+            raise QuadtreeError(f"--split-threshold must not be negative, got {self.split_threshold}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise QuadtreeError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Leaves:
+    """Quadtree leaves in Z-order. Coordinates and sizes in working pixels."""
+
+    x: np.ndarray  # (N,) int64, top-left
+    y: np.ndarray  # (N,) int64
+    size: np.ndarray  # (N,) int64
+    depth: np.ndarray  # (N,) int16, 0 = max_size
+    detail: np.ndarray  # (N,) float32, edge pixels (or per pixel when normalised)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def take(self, index: np.ndarray) -> Leaves:
+        return Leaves(self.x[index], self.y[index], self.size[index], self.depth[index], self.detail[index])
+
+    def boxes(self) -> np.ndarray:
+        """(N, 3) int64 of (x, y, size)."""
+        return np.stack([self.x, self.y, self.size], axis=1)
+
+    def to_level0(self, downsample: float, origin: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+        """(N, 3) float64 (x, y, size) in level-0 px, for a working image at ``downsample`` whose
+        top-left sits at level-0 ``origin``."""
+        return np.stack(
+            [self.x * downsample + origin[0], self.y * downsample + origin[1], self.size * downsample], axis=1
+        )
+
+    @staticmethod
+    def empty() -> Leaves:
+        z = np.zeros(0, np.int64)
+        return Leaves(z, z.copy(), z.copy(), np.zeros(0, np.int16), np.zeros(0, np.float32))
+
+
+def edge_map(rgb: np.ndarray, blur_kernel: int = 3, low: float = 100.0, high: float = 200.0) -> np.ndarray:
+    """Canny edges (uint8, 1 on an edge) of an RGB or grey uint8 image, after a Gaussian blur.
+
+    As the APF authors do: grey image, Gaussian blur with sigma derived from the kernel size,
+    Canny with thresholds ``low``/``high``.
+    """
+    if rgb.dtype != np.uint8:
+        raise QuadtreeError("edge_map expects a uint8 image")
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb
+    if blur_kernel > 1:
+        grey = cv2.GaussianBlur(grey, (blur_kernel, blur_kernel), 0)
+    edges = cv2.Canny(grey, low, high)
+    return (edges > 0).astype(np.uint8)
+
+
+def _integral(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Integral image of ``a`` zero-padded to ``shape`` (rows, cols); (rows+1, cols+1) int64."""
+    padded = np.zeros(shape, np.uint8)
+    padded[: a.shape[0], : a.shape[1]] = a
+    depth = cv2.CV_32S if a.size < 2**31 else cv2.CV_64F
+    return cv2.integral(padded, sdepth=depth).astype(np.int64)
+
+
+def _box_sums(integral: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return integral[y + s, x + s] - integral[y, x + s] - integral[y + s, x] + integral[y, x]
+
+
+def morton_order(x: np.ndarray, y: np.ndarray, unit: int) -> np.ndarray:
+    """Indices that sort squares by the Morton (Z-order) code of their top-left corner / ``unit``."""
+    code = np.zeros(len(x), np.uint64)
+    xs = (np.asarray(x) // unit).astype(np.uint64)
+    ys = (np.asarray(y) // unit).astype(np.uint64)
+    for bit in range(32):
+        b = np.uint64(bit)
+        code |= ((xs >> b) & np.uint64(1)) << np.uint64(2 * bit)
+        code |= ((ys >> b) & np.uint64(1)) << np.uint64(2 * bit + 1)
+    return np.argsort(code, kind="stable")
+
+
+def build_quadtree(
+    edges: np.ndarray, params: QuadtreeParams = QuadtreeParams(), tissue: np.ndarray | None = None
+) -> Leaves:
+    """Quadtree leaves over an edge map (H, W) at the working resolution.
+
+    ``tissue`` (H, W) bool, same resolution: leaves with no tissue pixel are dropped. Without it
+    every leaf that overlaps the image is kept. The image is covered by a grid of ``max_size``
+    roots from its top-left corner; roots past the right and bottom edges are padded (no edges, no
+    tissue there).
+    """
+    params.validate()
+    if edges.ndim != 2:
+        raise QuadtreeError("edges must be a 2-D array")
+    h, w = edges.shape
+    if tissue is not None and tissue.shape != edges.shape:
+        raise QuadtreeError(f"tissue mask is {tissue.shape[1]}x{tissue.shape[0]}, image is {w}x{h}")
+    if h == 0 or w == 0:
+        return Leaves.empty()
+    top = params.max_size
+    rows, cols = -(-h // top) * top, -(-w // top) * top
+    e_int = _integral((edges > 0).astype(np.uint8), (rows, cols))
+    t_src = np.ones((h, w), np.uint8) if tissue is None else tissue.astype(np.uint8)
+    t_int = _integral(t_src, (rows, cols))
+    if t_int[-1, -1] == 0:
+        return Leaves.empty()
+    gy, gx = np.mgrid[0:rows:top, 0:cols:top]
+    x, y = gx.ravel().astype(np.int64), gy.ravel().astype(np.int64)
+    if params.max_tokens is None:
+        leaves = _threshold_tree(e_int, t_int, x, y, params)
+    else:
+        leaves = _budget_tree(e_int, t_int, x, y, params)
+    return leaves.take(morton_order(leaves.x, leaves.y, params.min_size))
+
+
+def _score(count: np.ndarray, size: np.ndarray, normalise: bool) -> np.ndarray:
+    return count / (size * size).astype(np.float64) if normalise else count.astype(np.float64)
+
+
+def _threshold_tree(e_int: np.ndarray, t_int: np.ndarray, x: np.ndarray, y: np.ndarray, p: QuadtreeParams) -> Leaves:
+    out: list[tuple[np.ndarray, ...]] = []
+    size, depth = p.max_size, 0
+    while len(x):
+        s = np.full(len(x), size, np.int64)
+        keep = _box_sums(t_int, x, y, s) > 0
+        x, y, s = x[keep], y[keep], s[keep]
+        score = _score(_box_sums(e_int, x, y, s), s, p.normalise)
+        split = (score > p.split_threshold) if size > p.min_size else np.zeros(len(x), bool)
+        leaf = ~split
+        out.append((x[leaf], y[leaf], s[leaf], np.full(int(leaf.sum()), depth, np.int16), score[leaf]))
+        h = size // 2
+        xs, ys = x[split], y[split]
+        x = np.concatenate([xs, xs + h, xs, xs + h])
+        y = np.concatenate([ys, ys, ys + h, ys + h])
+        size, depth = h, depth + 1
+    if not out:
+        return Leaves.empty()
+    cat = [np.concatenate(parts) for parts in zip(*out)]
+    return Leaves(cat[0], cat[1], cat[2], cat[3], cat[4].astype(np.float32))
+
+
+def _budget_tree(e_int: np.ndarray, t_int: np.ndarray, x: np.ndarray, y: np.ndarray, p: QuadtreeParams) -> Leaves:
+    """Split the most detailed splittable leaf until ``max_tokens`` leaves exist.
+
+    A split replaces one leaf by its children that hold tissue (1 to 4), so the count grows by 0
+    to 3. The tree stops before a split would pass the budget: it returns exactly ``max_tokens``
+    leaves when that count is reachable, otherwise the largest reachable count below it (at most
+    2 short), or every leaf at ``min_size`` when the budget exceeds that.
+    """
+    assert p.max_tokens is not None
+    s = np.full(len(x), p.max_size, np.int64)
+    keep = _box_sums(t_int, x, y, s) > 0
+    x, y, s = x[keep], y[keep], s[keep]
+    score = _score(_box_sums(e_int, x, y, s), s, p.normalise)
+    # Leaves live in dicts keyed by an id; the heap holds splittable ones by -score.
+    leaves: dict[int, tuple[int, int, int, int, float]] = {}
+    heap: list[tuple[float, int]] = []
+    next_id = 0
+    for xi, yi, si, sc in zip(x.tolist(), y.tolist(), s.tolist(), score.tolist()):
+        leaves[next_id] = (xi, yi, si, 0, sc)
+        if si > p.min_size:
+            heapq.heappush(heap, (-sc, next_id))
+        next_id += 1
+    budget = p.max_tokens
+    while heap and len(leaves) < budget:
+        neg, lid = heap[0]
+        xi, yi, si, di, _ = leaves[lid]
+        h = si // 2
+        cx = np.array([xi, xi + h, xi, xi + h], np.int64)
+        cy = np.array([yi, yi, yi + h, yi + h], np.int64)
+        cs = np.full(4, h, np.int64)
+        has = _box_sums(t_int, cx, cy, cs) > 0
+        n_children = int(has.sum())
+        if len(leaves) - 1 + n_children > budget:
+            break
+        heapq.heappop(heap)
+        del leaves[lid]
+        csc = _score(_box_sums(e_int, cx, cy, cs), cs, p.normalise)
+        for k in np.flatnonzero(has).tolist():
+            leaves[next_id] = (int(cx[k]), int(cy[k]), h, di + 1, float(csc[k]))
+            if h > p.min_size:
+                heapq.heappush(heap, (-float(csc[k]), next_id))
+            next_id += 1
+    if not leaves:
+        return Leaves.empty()
+    arr = np.array(list(leaves.values()), np.float64)
+    return Leaves(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.int64),
+                  arr[:, 3].astype(np.int16), arr[:, 4].astype(np.float32))
+
+
+def uniform_leaves(shape: tuple[int, int], size: int, tissue: np.ndarray | None = None) -> Leaves:
+    """Every leaf at ``size`` over the image (H, W), those with tissue only: uniform patching as a
+    degenerate quadtree, so both modes share one code path downstream."""
+    if not is_power_of_two(size):
+        raise QuadtreeError(f"patch size must be a power of two, got {size}")
+    params = QuadtreeParams(min_size=size, max_size=size, split_threshold=0.0)
+    return build_quadtree(np.zeros(shape, np.uint8), params, tissue)
+
+
+def uniform_token_count(shape: tuple[int, int], size: int, tissue: np.ndarray | None = None) -> int:
+    """How many tokens uniform patching at ``size`` would make over the tissue of an image."""
+    return len(uniform_leaves(shape, size, tissue))

@@ -1,0 +1,142 @@
+"""Leaves to tokens and back: the tokeniser of adaptive patching, vectorised.
+
+Every leaf's pixels are resized to one token size p x p: leaves larger than p are box-averaged
+(an exact area filter, leaves and p being powers of two), smaller ones repeated. Leaves of one
+size are aligned to a grid of that size, so each size group is gathered (and pasted back) with
+one reshaped view of the image and fancy indexing: no Python loop over leaves or pixels.
+
+Tokens carry geometry, (centre x, centre y, size) in working pixels, so a model sees real 2-D
+position and scale. Batches of different lengths are padded with an attention mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .quadtree import Leaves, QuadtreeError, is_power_of_two
+
+
+def _check_token_size(p: int) -> None:
+    if not is_power_of_two(p):
+        raise QuadtreeError(f"--token-size must be a power of two, got {p}")
+
+
+def _padded(image: np.ndarray, leaves: Leaves, fill: float) -> np.ndarray:
+    h, w = image.shape[:2]
+    if len(leaves) == 0:
+        return image
+    rows = max(h, int((leaves.y + leaves.size).max()))
+    cols = max(w, int((leaves.x + leaves.size).max()))
+    if (rows, cols) == (h, w):
+        return image
+    out = np.full((rows, cols, *image.shape[2:]), fill, image.dtype)
+    out[:h, :w] = image
+    return out
+
+
+def tokenise(image: np.ndarray, leaves: Leaves, token_size: int = 8, fill: float = 255) -> np.ndarray:
+    """(N, p, p, C) float32 tokens of an (H, W, C) or (H, W) image, one per leaf, in leaf order.
+
+    Areas past the image edge (leaves of padded roots) read as ``fill``.
+    """
+    _check_token_size(token_size)
+    img = image if image.ndim == 3 else image[..., None]
+    img = _padded(img, leaves, fill)
+    p, c = token_size, img.shape[2]
+    out = np.empty((len(leaves), p, p, c), np.float32)
+    for s in np.unique(leaves.size).tolist():
+        idx = np.flatnonzero(leaves.size == s)
+        rows, cols = img.shape[0] // s * s, img.shape[1] // s * s
+        view = img[:rows, :cols].reshape(rows // s, s, cols // s, s, c)
+        patches = view[leaves.y[idx] // s, :, leaves.x[idx] // s, :, :].astype(np.float32)  # (n, s, s, c)
+        out[idx] = _resize_square(patches, p)
+    return out
+
+
+def _resize_square(patches: np.ndarray, p: int) -> np.ndarray:
+    n, s = patches.shape[0], patches.shape[1]
+    if s == p:
+        return patches
+    if s > p:
+        f = s // p
+        return patches.reshape(n, p, f, p, f, -1).mean(axis=(2, 4))
+    f = p // s
+    return np.repeat(np.repeat(patches, f, axis=1), f, axis=2)
+
+
+def token_geometry(leaves: Leaves) -> np.ndarray:
+    """(N, 3) float32: centre x, centre y and size of each leaf, working pixels."""
+    half = leaves.size / 2.0
+    return np.stack([leaves.x + half, leaves.y + half, leaves.size.astype(np.float64)], axis=1).astype(np.float32)
+
+
+def detokenise(maps: np.ndarray, leaves: Leaves, shape: tuple[int, int], fill: float = 0) -> np.ndarray:
+    """Paste per-token (N, p, p) or (N, p, p, K) maps back into an (H, W[, K]) image.
+
+    Each map is resized to its leaf (repeated when the leaf is larger than p, box-averaged when
+    smaller) and written in place; pixels under no leaf keep ``fill``.
+    """
+    if maps.ndim not in (3, 4) or maps.shape[0] != len(leaves) or maps.shape[1] != maps.shape[2]:
+        raise QuadtreeError(f"maps of shape {maps.shape} do not match {len(leaves)} leaves")
+    squeeze = maps.ndim == 3
+    m = maps[..., None] if squeeze else maps
+    p, k = m.shape[1], m.shape[3]
+    _check_token_size(p)
+    h, w = shape
+    rows = max(h, int((leaves.y + leaves.size).max())) if len(leaves) else h
+    cols = max(w, int((leaves.x + leaves.size).max())) if len(leaves) else w
+    out = np.full((rows, cols, k), fill, m.dtype)
+    for s in np.unique(leaves.size).tolist():
+        idx = np.flatnonzero(leaves.size == s)
+        r, c = rows // s * s, cols // s * s
+        view = out[:r, :c].reshape(r // s, s, c // s, s, k)
+        view[leaves.y[idx] // s, :, leaves.x[idx] // s, :, :] = _resize_square(m[idx], s).astype(m.dtype)
+    out = out[:h, :w]
+    return out[..., 0] if squeeze else out
+
+
+def pad_tokens(
+    tokens: list[np.ndarray], geometry: list[np.ndarray], length: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stack sequences of different lengths into (B, L, ...) arrays with zero padding.
+
+    Returns tokens, geometry and a (B, L) bool mask that is True on real tokens; a model must
+    ignore the padded positions (the APF authors padded with zeros and no mask).
+    """
+    if len(tokens) != len(geometry):
+        raise ValueError("tokens and geometry lists differ in length")
+    n = max((len(t) for t in tokens), default=0)
+    length = n if length is None else length
+    if length < n:
+        raise ValueError(f"length {length} is shorter than the longest sequence ({n})")
+    b = len(tokens)
+    shape = tokens[0].shape[1:] if tokens else ()
+    out_t = np.zeros((b, length, *shape), np.float32)
+    out_g = np.zeros((b, length, 3), np.float32)
+    mask = np.zeros((b, length), bool)
+    for i, (t, g) in enumerate(zip(tokens, geometry)):
+        out_t[i, : len(t)] = t
+        out_g[i, : len(g)] = g
+        mask[i, : len(t)] = True
+    return out_t, out_g, mask
+
+
+def labels_round_trip(labels: np.ndarray, leaves: Leaves, token_size: int, num_classes: int | None = None) -> np.ndarray:
+    """A label mask pushed through the tokeniser and back.
+
+    Each token holds the class fractions of its p x p cells; the most frequent class of each cell
+    is pasted back. Exact where leaves are no larger than the token size.
+    """
+    k = int(labels.max()) + 1 if num_classes is None else num_classes
+    k = max(k, 2)
+    onehot = (labels[..., None] == np.arange(k)).astype(np.float32)
+    fractions = tokenise(onehot, leaves, token_size, fill=0)
+    cells = fractions.argmax(axis=3).astype(np.int32)
+    return detokenise(cells, leaves, labels.shape, fill=0).astype(labels.dtype)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary masks (1.0 when both are empty)."""
+    a, b = a.astype(bool), b.astype(bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total

@@ -1,0 +1,215 @@
+"""Adaptive quadtree and tokeniser on synthetic arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsi_amr.quadtree import (
+    Leaves, QuadtreeError, QuadtreeParams, build_quadtree, edge_map, morton_order, uniform_leaves,
+    uniform_token_count,
+)
+from wsi_amr.tokens import dice, detokenise, labels_round_trip, pad_tokens, token_geometry, tokenise
+
+
+def coverage(leaves: Leaves, shape) -> np.ndarray:
+    """How many leaves cover each pixel of a canvas big enough for all of them."""
+    h = max(shape[0], int((leaves.y + leaves.size).max()))
+    w = max(shape[1], int((leaves.x + leaves.size).max()))
+    cov = np.zeros((h, w), np.int32)
+    for x, y, s in leaves.boxes():
+        cov[y : y + s, x : x + s] += 1
+    return cov
+
+
+def test_blank_image_gives_max_size_leaves_over_tissue_only():
+    edges = np.zeros((256, 512), np.uint8)
+    tissue = np.zeros_like(edges, bool)
+    tissue[:, :200] = True  # covers roots 0 and 1 (of 64 px) fully, root 3 partly
+    p = QuadtreeParams(min_size=8, max_size=64, split_threshold=0.0)
+    leaves = build_quadtree(edges, p, tissue)
+    assert (leaves.size == 64).all() and (leaves.depth == 0).all()
+    assert sorted(set(leaves.x.tolist())) == [0, 64, 128, 192]
+    assert len(leaves) == 4 * 4  # 4 columns touching tissue x 4 rows
+    assert not ((leaves.x >= 256)).any()
+
+
+def test_straight_edge_refines_only_along_the_edge():
+    edges = np.zeros((256, 256), np.uint8)
+    edges[:, 100] = 1  # a vertical line at x = 100
+    p = QuadtreeParams(min_size=4, max_size=64, split_threshold=0.0)
+    leaves = build_quadtree(edges, p)
+    small = leaves.size == 4
+    assert small.any()
+    # Minimum-size leaves only in the 8-px column around the line (the line's leaves and their
+    # siblings), and every leaf on the line is minimum size.
+    assert set(leaves.x[small].tolist()) == {96, 100}
+    on_line = (leaves.x <= 100) & (100 < leaves.x + leaves.size)
+    assert (leaves.size[on_line] == 4).all()
+    # Away from the line the leaves stay as large as the tree allows.
+    far = (leaves.x + leaves.size <= 64) | (leaves.x >= 128)
+    assert (leaves.size[far] == 64).all()
+    assert (coverage(leaves, edges.shape) == 1).all()
+
+
+def test_threshold_normalised_by_area_means_the_same_at_every_size():
+    edges = np.zeros((128, 128), np.uint8)
+    edges[::4, :] = 1  # density 0.25 everywhere
+    split = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, split_threshold=0.2))
+    keep = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, split_threshold=0.3))
+    assert (split.size == 8).all() and (keep.size == 128).all()
+
+
+@pytest.mark.parametrize("budget", [1, 7, 50, 100, 333, 1000])
+def test_budget_mode_returns_the_requested_number_of_tokens(budget):
+    rng = np.random.default_rng(budget)
+    edges = (rng.random((512, 512)) < 0.05).astype(np.uint8)
+    p = QuadtreeParams(min_size=4, max_size=128, max_tokens=budget)
+    leaves = build_quadtree(edges, p)
+    roots = 16
+    if budget <= roots:
+        assert len(leaves) == roots  # cannot make fewer leaves than roots
+    else:
+        # Each split adds 3 leaves here (all children hold tissue): the count lands on
+        # roots + 3k, the largest such count not above the budget.
+        assert budget - 2 <= len(leaves) <= budget
+        assert (len(leaves) - roots) % 3 == 0
+    assert (coverage(leaves, edges.shape) == 1).all()
+
+
+def test_budget_mode_splits_the_most_detailed_leaf_first():
+    edges = np.zeros((256, 256), np.uint8)
+    edges[10:20, 10:20] = 1  # detail in the top-left root only
+    leaves = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, max_tokens=7))
+    assert len(leaves) == 7
+    top_left = (leaves.x < 128) & (leaves.y < 128)
+    assert top_left.sum() == 4 and (leaves.size[top_left] == 64).all()
+
+
+def test_budget_larger_than_possible_gives_every_min_size_leaf():
+    edges = np.ones((64, 64), np.uint8)
+    leaves = build_quadtree(edges, QuadtreeParams(min_size=16, max_size=64, max_tokens=10_000))
+    assert len(leaves) == 16 and (leaves.size == 16).all()
+
+
+def test_leaves_come_in_z_order():
+    edges = np.ones((64, 64), np.uint8)
+    leaves = build_quadtree(edges, QuadtreeParams(min_size=16, max_size=64, split_threshold=0.0))
+    got = list(zip(leaves.x.tolist(), leaves.y.tolist()))
+    assert got[:8] == [(0, 0), (16, 0), (0, 16), (16, 16), (32, 0), (48, 0), (32, 16), (48, 16)]
+    mixed = np.zeros((128, 128), np.uint8)
+    mixed[:64, 64:] = 1  # only the top-right root splits
+    leaves = build_quadtree(mixed, QuadtreeParams(min_size=32, max_size=64, split_threshold=0.0))
+    assert list(zip(leaves.x.tolist(), leaves.y.tolist(), leaves.size.tolist())) == [
+        (0, 0, 64), (64, 0, 32), (96, 0, 32), (64, 32, 32), (96, 32, 32), (0, 64, 64), (64, 64, 64)]
+
+
+def test_morton_order_of_a_grid():
+    x = np.array([1, 0, 1, 0])
+    y = np.array([1, 1, 0, 0])
+    assert morton_order(x, y, 1).tolist() == [3, 2, 1, 0]
+
+
+def test_leaves_tile_the_tissue_with_no_gap_and_no_overlap():
+    rng = np.random.default_rng(0)
+    h, w = 300, 470  # not a multiple of the root size
+    edges = (rng.random((h, w)) < 0.02).astype(np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = (xx - 200) ** 2 + (yy - 150) ** 2 < 130**2
+    leaves = build_quadtree(edges, QuadtreeParams(min_size=4, max_size=64, split_threshold=0.01), tissue)
+    cov = coverage(leaves, (h, w))
+    assert cov.max() == 1  # no overlap
+    assert (cov[:h, :w][tissue] == 1).all()  # no gap over tissue
+    # No leaf lies wholly outside the tissue.
+    for x, y, s in leaves.boxes():
+        assert tissue[y : y + s, x : x + s].any()
+
+
+def test_empty_tissue_mask_gives_no_leaves():
+    edges = np.ones((64, 64), np.uint8)
+    assert len(build_quadtree(edges, QuadtreeParams(min_size=8, max_size=32), np.zeros((64, 64), bool))) == 0
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"min_size": 6}, "--min-size"),
+    ({"max_size": 100}, "--max-size"),
+    ({"min_size": 64, "max_size": 32}, "larger than"),
+    ({"blur_kernel": 4}, "--blur"),
+    ({"canny_low": 200, "canny_high": 100}, "Canny"),
+    ({"max_tokens": 0}, "--max-tokens"),
+    ({"split_threshold": -1}, "--split-threshold"),
+])
+def test_bad_parameters_are_refused(kwargs, needle):
+    with pytest.raises(QuadtreeError, match=needle):
+        build_quadtree(np.zeros((64, 64), np.uint8), QuadtreeParams(**kwargs))
+
+
+def test_tissue_of_the_wrong_size_is_refused():
+    with pytest.raises(QuadtreeError, match="tissue mask"):
+        build_quadtree(np.zeros((64, 64), np.uint8), QuadtreeParams(), np.ones((32, 64), bool))
+
+
+def test_edge_map_finds_a_step():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, 32:] = 255
+    e = edge_map(img)
+    assert e.dtype == np.uint8 and e[:, 30:34].any(axis=1).all() and not e[:, :25].any()
+
+
+# -- tokeniser ------------------------------------------------------------------------------------
+def test_round_trip_is_exact_when_all_leaves_are_at_token_size():
+    rng = np.random.default_rng(1)
+    labels = (rng.random((96, 160)) < 0.3).astype(np.uint8) + (rng.random((96, 160)) < 0.1)
+    leaves = uniform_leaves(labels.shape, 8)
+    back = labels_round_trip(labels, leaves, token_size=8, num_classes=3)
+    np.testing.assert_array_equal(back, labels)
+
+
+def test_tokenise_box_averages_and_detokenise_pastes_back():
+    img = np.arange(16 * 16, dtype=np.float32).reshape(16, 16)
+    leaves = Leaves(np.array([0, 8]), np.array([0, 0]), np.array([8, 8]), np.zeros(2, np.int16), np.zeros(2, np.float32))
+    tok = tokenise(img, leaves, token_size=4)
+    assert tok.shape == (2, 4, 4, 1)
+    assert tok[0, 0, 0, 0] == img[0:2, 0:2].mean()
+    back = detokenise(tok[..., 0], leaves, (16, 16), fill=-1)
+    assert back[0, 0] == img[0:2, 0:2].mean() and back[0, 1] == back[0, 0]
+    assert (back[8:] == -1).all()
+
+
+def test_tokens_smaller_than_token_size_are_repeated_and_averaged_back():
+    img = np.random.default_rng(2).random((8, 8)).astype(np.float32)
+    leaves = uniform_leaves((8, 8), 2)
+    tok = tokenise(img, leaves, token_size=4)
+    assert tok.shape == (16, 4, 4, 1)
+    np.testing.assert_allclose(detokenise(tok, leaves, (8, 8))[..., 0], img, rtol=1e-6)
+
+
+def test_uniform_mode_uses_the_same_arrays():
+    shape = (64, 96)
+    leaves = uniform_leaves(shape, 16)
+    assert len(leaves) == uniform_token_count(shape, 16) == 4 * 6
+    assert (leaves.size == 16).all()
+    geom = token_geometry(leaves)
+    assert geom.shape == (24, 3) and geom[0].tolist() == [8.0, 8.0, 16.0]
+
+
+def test_padding_returns_an_attention_mask():
+    a, b = np.ones((3, 4, 4, 3), np.float32), np.ones((5, 4, 4, 3), np.float32)
+    toks, geom, mask = pad_tokens([a, b], [np.ones((3, 3)), np.ones((5, 3))])
+    assert toks.shape == (2, 5, 4, 4, 3) and geom.shape == (2, 5, 3)
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert (toks[0, 3:] == 0).all()
+    with pytest.raises(ValueError):
+        pad_tokens([a, b], [np.ones((3, 3)), np.ones((5, 3))], length=4)
+
+
+def test_bad_token_size_is_refused():
+    leaves = uniform_leaves((16, 16), 8)
+    with pytest.raises(QuadtreeError, match="--token-size"):
+        tokenise(np.zeros((16, 16)), leaves, token_size=6)
+
+
+def test_dice():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0 and dice(np.zeros(3), np.zeros(3)) == 1.0
