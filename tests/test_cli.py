@@ -304,3 +304,14 @@ def test_one_slide_split_over_worker_processes_gives_the_same_images(runner, rec
     assert a == b and len(a) == json_lines(res.stdout)[0]["stats"]["tiles"] > 256
     for name in a[:: len(a) // 10]:
         assert (tmp_path / "serial" / "rect" / "tiles" / name).read_bytes() == (tmp_path / "par" / "rect" / "tiles" / name).read_bytes()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tissue-threshold", "300"], "--tissue-threshold"),
+    (["--min-area", "-1"], "--min-area"),
+    (["--jobs", "0"], "--jobs"),
+])
+def test_bad_tissue_option_values_are_usage_errors(runner, rect_slide, tmp_path, args, needle):
+    path, _ = rect_slide
+    res = invoke(runner, "tissue", path, "-o", tmp_path / "out", *args)
+    assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.stderr
