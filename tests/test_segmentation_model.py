@@ -69,9 +69,9 @@ def test_position_embedding_tells_apart_same_pixels_at_other_places_and_sizes():
 def test_one_batch_overfit_reaches_near_perfect_dice():
     torch.manual_seed(3)
     rng = np.random.default_rng(3)
-    h = w = 64
+    h = w = 48
     yy, xx = np.mgrid[0:h, 0:w]
-    labels = (((xx - 30) ** 2 + (yy - 34) ** 2) < 18**2).astype(np.int64)
+    labels = (((xx - 22) ** 2 + (yy - 25) ** 2) < 14**2).astype(np.int64)
     image = np.where(labels[..., None] == 1, [200, 80, 160], [240, 235, 238]).astype(np.float32)
     image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
     leaves = build_quadtree(edge_map(image), QuadtreeParams(min_size=4, max_size=32, split_threshold=0.0))
@@ -80,8 +80,8 @@ def test_one_batch_overfit_reaches_near_perfect_dice():
     geom = torch.from_numpy(token_geometry(leaves))[None]
     mask = torch.ones(1, len(leaves), dtype=torch.bool)
     model = TokenSegmenter(SMALL)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(60):
         logits = model(tok, geom, mask)
         loss = torch.nn.functional.cross_entropy(logits.permute(0, 1, 3, 4, 2).reshape(-1, 2), target.reshape(-1))
         opt.zero_grad()
@@ -91,7 +91,8 @@ def test_one_batch_overfit_reaches_near_perfect_dice():
     with torch.no_grad():
         pred = model(tok, geom, mask).argmax(2)[0].numpy()
     back = detokenise(pred, leaves, labels.shape)
-    assert dice(back == 1, labels == 1) > 0.97
+    score = dice(back == 1, labels == 1)
+    assert score > 0.97, score
 
 
 def test_uniform_and_adaptive_leaves_run_through_the_same_model():
