@@ -55,8 +55,8 @@ def test_straight_edge_refines_only_along_the_edge():
 def test_threshold_normalised_by_area_means_the_same_at_every_size():
     edges = np.zeros((128, 128), np.uint8)
     edges[::4, :] = 1  # density 0.25 everywhere
-    split = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, split_threshold=0.2))
-    keep = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, split_threshold=0.3))
+    split = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, split_threshold=0.2, normalise=True))
+    keep = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, split_threshold=0.3, normalise=True))
     assert (split.size == 8).all() and (keep.size == 128).all()
 
 
@@ -171,9 +171,33 @@ def test_tokenise_box_averages_and_detokenise_pastes_back():
     tok = tokenise(img, leaves, token_size=4)
     assert tok.shape == (2, 4, 4, 1)
     assert tok[0, 0, 0, 0] == img[0:2, 0:2].mean()
-    back = detokenise(tok[..., 0], leaves, (16, 16), fill=-1)
+    back = detokenise(tok[..., 0], leaves, (16, 16), fill=-1, interpolation="nearest")
     assert back[0, 0] == img[0:2, 0:2].mean() and back[0, 1] == back[0, 0]
     assert (back[8:] == -1).all()
+
+
+def test_linear_detokenise_interpolates_within_each_leaf_only():
+    # A ramp token: linear interpolation reproduces a linear ramp inside the leaf (away from its
+    # clamped edge pixels) and never reads the neighbouring leaf.
+    ramp = np.tile(np.arange(4, dtype=np.float32), (4, 1))  # values 0..3 along x
+    maps = np.stack([ramp, np.full((4, 4), 100, np.float32)])
+    leaves = Leaves(np.array([0, 16]), np.array([0, 0]), np.array([16, 16]), np.zeros(2, np.int16), np.zeros(2, np.float32))
+    back = detokenise(maps, leaves, (16, 32))
+    assert back[:, :2].max() == 0 and back[:, 14:16].min() == 3  # clamped at the leaf's edges
+    np.testing.assert_allclose(np.diff(back[0, 2:14]), 0.25, rtol=1e-5)  # 4 px per token cell
+    assert (back[:, 16:] == 100).all()
+    # Integer maps (labels) are repeated, never interpolated.
+    labels = detokenise(np.arange(2 * 16, dtype=np.int32).reshape(2, 4, 4), leaves, (16, 32))
+    assert labels[0, 0] == labels[3, 3] == 0 and labels[0, 4] == 1
+
+
+def test_linear_round_trip_of_a_disc_beats_nearest():
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = ((xx - 30.3) ** 2 + (yy - 33.7) ** 2 < 20**2).astype(np.uint8)
+    leaves = uniform_leaves(disc.shape, 32)
+    linear = dice(disc, labels_round_trip(disc, leaves, 8))
+    nearest = dice(disc, labels_round_trip(disc, leaves, 8, interpolation="nearest"))
+    assert linear > nearest > 0.9
 
 
 def test_tokens_smaller_than_token_size_are_repeated_and_averaged_back():

@@ -35,6 +35,7 @@ from .slide import SLIDE_EXTENSIONS, MissingMppError, SlideError, slide_stem
 JOBS: dict[str, str] = {
     "tissue": "wsi_amr.jobs.tissue:run",
     "tile": "wsi_amr.jobs.tile:run",
+    "quadtree": "wsi_amr.jobs.quadtree:run",
 }
 
 MANIFEST = "manifest.json"

@@ -70,18 +70,46 @@ def token_geometry(leaves: Leaves) -> np.ndarray:
     return np.stack([leaves.x + half, leaves.y + half, leaves.size.astype(np.float64)], axis=1).astype(np.float32)
 
 
-def detokenise(maps: np.ndarray, leaves: Leaves, shape: tuple[int, int], fill: float = 0) -> np.ndarray:
+def _upsample_matrix(s: int, p: int) -> np.ndarray:
+    """(s, p) weights of linear interpolation from p to s samples over one leaf: pixel centres
+    aligned, clamped at the leaf's own edges (no leaf reads its neighbours)."""
+    centres = np.clip((np.arange(s) + 0.5) * (p / s) - 0.5, 0, p - 1)
+    lo = np.floor(centres).astype(np.int64)
+    hi = np.minimum(lo + 1, p - 1)
+    frac = (centres - lo).astype(np.float32)
+    out = np.zeros((s, p), np.float32)
+    np.add.at(out, (np.arange(s), lo), 1 - frac)
+    np.add.at(out, (np.arange(s), hi), frac)
+    return out
+
+
+def _upsample_linear(maps: np.ndarray, s: int) -> np.ndarray:
+    """(n, p, p, k) maps to (n, s, s, k) by separable linear interpolation, one matmul per axis."""
+    u = _upsample_matrix(s, maps.shape[1])
+    rows = np.einsum("ip,npqk->niqk", u, maps.astype(np.float32, copy=False), optimize=True)
+    return np.einsum("jq,niqk->nijk", u, rows, optimize=True)
+
+
+def detokenise(maps: np.ndarray, leaves: Leaves, shape: tuple[int, int], fill: float = 0,
+               interpolation: str = "auto") -> np.ndarray:
     """Paste per-token (N, p, p) or (N, p, p, K) maps back into an (H, W[, K]) image.
 
-    Each map is resized to its leaf (repeated when the leaf is larger than p, box-averaged when
-    smaller) and written in place; pixels under no leaf keep ``fill``.
+    Each map is resized to its leaf and written in place; pixels under no leaf keep ``fill``.
+    Leaves smaller than p are box-averaged. Leaves larger than p are interpolated: ``linear``
+    (pixel centres aligned, within the leaf only) suits probabilities and class fractions, as it
+    puts a border between token cells where the values cross instead of on the cell grid;
+    ``nearest`` repeats each value. ``auto``: linear for float maps, nearest for integer ones
+    (labels).
     """
+    if interpolation not in ("auto", "linear", "nearest"):
+        raise ValueError(f"interpolation must be auto, linear or nearest, got {interpolation!r}")
     if maps.ndim not in (3, 4) or maps.shape[0] != len(leaves) or maps.shape[1] != maps.shape[2]:
         raise QuadtreeError(f"maps of shape {maps.shape} do not match {len(leaves)} leaves")
     squeeze = maps.ndim == 3
     m = maps[..., None] if squeeze else maps
     p, k = m.shape[1], m.shape[3]
     _check_token_size(p)
+    linear = interpolation == "linear" or (interpolation == "auto" and np.issubdtype(m.dtype, np.floating))
     h, w = shape
     rows = max(h, int((leaves.y + leaves.size).max())) if len(leaves) else h
     cols = max(w, int((leaves.x + leaves.size).max())) if len(leaves) else w
@@ -90,7 +118,8 @@ def detokenise(maps: np.ndarray, leaves: Leaves, shape: tuple[int, int], fill: f
         idx = np.flatnonzero(leaves.size == s)
         r, c = rows // s * s, cols // s * s
         view = out[:r, :c].reshape(r // s, s, c // s, s, k)
-        view[leaves.y[idx] // s, :, leaves.x[idx] // s, :, :] = _resize_square(m[idx], s).astype(m.dtype)
+        pasted = _upsample_linear(m[idx], s) if linear and s > p else _resize_square(m[idx], s)
+        view[leaves.y[idx] // s, :, leaves.x[idx] // s, :, :] = pasted.astype(m.dtype)
     out = out[:h, :w]
     return out[..., 0] if squeeze else out
 
@@ -121,18 +150,24 @@ def pad_tokens(
     return out_t, out_g, mask
 
 
-def labels_round_trip(labels: np.ndarray, leaves: Leaves, token_size: int, num_classes: int | None = None) -> np.ndarray:
+def labels_round_trip(labels: np.ndarray, leaves: Leaves, token_size: int, num_classes: int | None = None,
+                      interpolation: str = "linear") -> np.ndarray:
     """A label mask pushed through the tokeniser and back.
 
-    Each token holds the class fractions of its p x p cells; the most frequent class of each cell
-    is pasted back. Exact where leaves are no larger than the token size.
+    Each token holds the class fractions of its p x p cells, as a model's token holds class
+    probabilities; they are pasted back with ``interpolation`` (linear by default, as
+    :func:`detokenise` does for probabilities) and each pixel takes the most likely class. Exact
+    where leaves are no larger than the token size.
     """
     k = int(labels.max()) + 1 if num_classes is None else num_classes
     k = max(k, 2)
     onehot = (labels[..., None] == np.arange(k)).astype(np.float32)
     fractions = tokenise(onehot, leaves, token_size, fill=0)
-    cells = fractions.argmax(axis=3).astype(np.int32)
-    return detokenise(cells, leaves, labels.shape, fill=0).astype(labels.dtype)
+    back = detokenise(fractions, leaves, labels.shape, fill=0, interpolation=interpolation)
+    out = back.argmax(axis=2).astype(labels.dtype)
+    covered = detokenise(np.ones((len(leaves), 1, 1), np.uint8), leaves, labels.shape, fill=0)
+    out[covered == 0] = 0
+    return out
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
