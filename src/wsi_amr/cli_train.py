@@ -1,0 +1,277 @@
+"""``wsi-amr train``: training commands (a Typer sub-app the main CLI mounts as ``train``).
+
+A thin layer: options are parsed and checked here, everything else is
+:func:`wsi_amr.training.train_segmenter`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .quadtree import QuadtreeParams
+from .segmentation import SegmenterConfig
+
+train_app = typer.Typer(
+    name="train",
+    help="Train models on your own labelled data.\n\n"
+    "Example: wsi-amr train segment --images 'glas/images/train_*.png' --masks glas/masks -o runs/glas",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+
+@train_app.callback()
+def _train_group() -> None:
+    """Train models on your own labelled data."""
+
+
+_QT = QuadtreeParams()
+_ARCH = SegmenterConfig()
+
+# -- options (Annotated aliases, as in cli.py) -------------------------------------------------
+Images = Annotated[list[str], typer.Option("--images", help="Training images: files, folders or globs "
+                                           "(quote globs: 'glas/images/train_*.png'). Repeatable.",
+                                           metavar="PATH|GLOB", show_default=False)]
+Masks = Annotated[Optional[str], typer.Option("--masks", help="Folder of label masks named like the images "
+                                              "(train_1.png or train_1_mask.png); values 0..K-1, or 0/255 for "
+                                              "binary. Default: a 'masks' folder beside the images' folder.")]
+ValImages = Annotated[list[str], typer.Option("--val-images", help="Validation images instead of --val-fraction: "
+                                              "files, folders or globs, or name patterns of training images "
+                                              "('train_8*'). Repeatable.", metavar="PATH|GLOB",
+                                              show_default=False)]
+Slides = Annotated[list[str], typer.Option("--slides", help="Training slides, each with one --annotations "
+                                           "file (same order). Repeatable.", metavar="SLIDE",
+                                           show_default=False)]
+Annotations = Annotated[list[str], typer.Option("--annotations", help="QuPath GeoJSON annotations of each "
+                                                "--slides slide (level-0 px). Repeatable.",
+                                                metavar="GEOJSON", show_default=False)]
+Pairs = Annotated[Optional[str], typer.Option("--pairs", help="CSV of slides and annotations: header "
+                                              "'slide,annotations', paths relative to the CSV.")]
+Classes = Annotated[str, typer.Option("--classes", help="Class names, background first; label id = position. "
+                                      "For GeoJSON these are QuPath class names.")]
+Colors = Annotated[Optional[str], typer.Option("--colors", help="Class colours for QuPath, one per class: "
+                                               "'#000000,#00a000' or '0,0,0;0,160,0'.")]
+Unannotated = Annotated[str, typer.Option("--unannotated", help="Slide pixels outside every annotation: "
+                                          "background (class 0) or ignore (no loss).")]
+Mpp = Annotated[Optional[float], typer.Option("--mpp", help="Working µm/px. Images are taken to be at it "
+                                              "[default: 0.62, GlaS]; slides are read at it [default: the "
+                                              "first slide's own].")]
+SlideMpp = Annotated[Optional[float], typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose "
+                                                   "scanner recorded none.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder: best.*, last.*, last-state.*, "
+                                   "metrics.jsonl.")]
+Patching = Annotated[str, typer.Option("--patching", help="adaptive (quadtree) or uniform (every leaf at "
+                                       "--min-size): same model, same code.")]
+TokenSize = Annotated[int, typer.Option("--token-size", help="Token side p: every leaf is resized to p x p "
+                                        "(power of two).")]
+MinSize = Annotated[int, typer.Option("--min-size", help="Smallest leaf, working px (power of two); the "
+                                      "uniform patch size.")]
+MaxSize = Annotated[int, typer.Option("--max-size", help="Largest leaf, working px (power of two).")]
+SplitThreshold = Annotated[float, typer.Option("--split-threshold", help="Split a leaf while its detail exceeds "
+                                               "this: Canny edge pixels in it (per pixel when the quadtree "
+                                               "normalises by area).")]
+Blur = Annotated[int, typer.Option("--blur", help="Gaussian kernel before Canny (odd px; 0 or 1: none).")]
+Crop = Annotated[int, typer.Option("--crop", help="Training crop side, working px (smaller images are padded).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Crops per optimisation step.")]
+Steps = Annotated[int, typer.Option("--steps", help="Optimisation steps: the training budget (compare "
+                                    "patching modes at equal steps).")]
+Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW; linear warm-up, cosine decay).")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases, norms).")]
+Warmup = Annotated[Optional[int], typer.Option("--warmup", help="Warm-up steps [default: 5% of --steps].")]
+DiceWeight = Annotated[float, typer.Option("--dice-weight", help="Weight of the soft Dice loss added to "
+                                           "cross-entropy (0: cross-entropy only).")]
+Jitter = Annotated[float, typer.Option("--jitter", help="Colour jitter strength: brightness, contrast, "
+                                       "saturation +-j, hue +-j x 90 degrees (0: off).")]
+ValFraction = Annotated[float, typer.Option("--val-fraction", help="Share of images (or slides) held out for "
+                                            "validation, chosen by --seed.")]
+ValEvery = Annotated[int, typer.Option("--val-every", help="Validate (and save OUT/last) every this many steps.")]
+LogEvery = Annotated[int, typer.Option("--log-every", help="Write a metrics.jsonl line every this many steps.")]
+Width = Annotated[int, typer.Option("--width", help="Transformer width.")]
+Depth = Annotated[int, typer.Option("--depth", help="Transformer layers.")]
+Heads = Annotated[int, typer.Option("--heads", help="Attention heads (must divide --width).")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for Python, numpy and torch: same seed, same run on CPU.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: torch's].")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from OUT/last-state.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --out that holds a run.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
+
+
+def _fail_usage(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["wsi-amr", *sys.argv[1:]])
+
+
+def parse_colors(text: str) -> list[list[int]]:
+    """'#000000,#00a000' or '0,0,0;0,160,0' -> [[0, 0, 0], [0, 160, 0]]; ValueError otherwise."""
+    if "#" in text:
+        out = []
+        for part in text.split(","):
+            m = re.fullmatch(r"\s*#([0-9a-fA-F]{6})\s*", part)
+            if not m:
+                raise ValueError(f"{part.strip()!r} is not a #rrggbb colour")
+            h = m.group(1)
+            out.append([int(h[i:i + 2], 16) for i in (0, 2, 4)])
+        return out
+    out = []
+    for part in text.split(";"):
+        values = [v.strip() for v in part.split(",")]
+        if len(values) != 3 or not all(v.isdigit() and int(v) <= 255 for v in values):
+            raise ValueError(f"{part.strip()!r} is not r,g,b with values 0..255")
+        out.append([int(v) for v in values])
+    return out
+
+
+class _TrainProgress:
+    """A rich progress bar on stderr; draws only on a terminal."""
+
+    def __init__(self, total: int, start: int = 0) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        console = Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal,
+        )
+        self._task = self._progress.add_task("train", total=total, completed=start, info="")
+        self._progress.start()
+
+    def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:
+        text = f"loss {info['loss']:.4f}"
+        if info.get("val_dice") is not None:
+            text += f" val Dice {info['val_dice']:.4f}"
+        self._progress.update(self._task, completed=step, total=total, info=text)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+@train_app.command("segment")
+def segment(
+    out: Out,
+    images: Images = [],  # noqa: B006 - Typer reads list defaults, never mutates them
+    masks: Masks = None,
+    val_images: ValImages = [],  # noqa: B006
+    slides: Slides = [],  # noqa: B006
+    annotations: Annotations = [],  # noqa: B006
+    pairs: Pairs = None,
+    classes: Classes = "Background,Gland",
+    colors: Colors = None,
+    unannotated: Unannotated = "background",
+    mpp: Mpp = None,
+    slide_mpp: SlideMpp = None,
+    patching: Patching = "adaptive",
+    token_size: TokenSize = 8,
+    min_size: MinSize = _QT.min_size,
+    max_size: MaxSize = _QT.max_size,
+    split_threshold: SplitThreshold = _QT.split_threshold,
+    blur: Blur = _QT.blur_kernel,
+    crop: Crop = 256,
+    batch_size: BatchSize = 8,
+    steps: Steps = 1000,
+    lr: Lr = 1e-3,
+    weight_decay: WeightDecay = 0.05,
+    warmup: Warmup = None,
+    dice_weight: DiceWeight = 0.5,
+    jitter: Jitter = 0.1,
+    val_fraction: ValFraction = 0.15,
+    val_every: ValEvery = 100,
+    log_every: LogEvery = 10,
+    width: Width = _ARCH.width,
+    depth: Depth = _ARCH.depth,
+    heads: Heads = _ARCH.heads,
+    seed: Seed = 0,
+    device: Device = "auto",
+    threads: Threads = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    debug: Debug = False,
+) -> None:
+    """Train the token segmentation transformer on images + masks or slides + QuPath annotations.
+
+    Writes OUT/best.safetensors + best.json (best validation Dice), OUT/last.* and
+    last-state.* (for --resume) and OUT/metrics.jsonl. Ctrl-C saves OUT/last and exits 130.
+
+    Example: wsi-amr train segment --images 'glas/images/train_*.png' --masks glas/masks -o runs/glas --steps 2000
+
+    Example: wsi-amr train segment --slides a.svs --annotations a.geojson --classes Background,Tumor -o runs/t
+    """
+    from .training import TrainConfig, TrainingError, TrainingInterrupted, describe_result, train_segmenter
+
+    class_names = [c.strip() for c in classes.split(",")]
+    color_list = None
+    if colors is not None:
+        try:
+            color_list = parse_colors(colors)
+        except ValueError as exc:
+            _fail_usage(f"--colors: {exc}")
+    try:
+        params = QuadtreeParams(min_size=min_size, max_size=max_size, split_threshold=split_threshold,
+                                blur_kernel=blur, canny_low=_QT.canny_low, canny_high=_QT.canny_high,
+                                normalise=_QT.normalise)
+    except (TypeError, ValueError) as exc:
+        _fail_usage(str(exc))
+    cfg = TrainConfig(
+        out=out, images=list(images), masks=masks, val_images=list(val_images), slides=list(slides),
+        annotations=list(annotations), pairs=pairs, classes=class_names, colors=color_list,
+        unannotated=unannotated, mpp=mpp, slide_mpp=slide_mpp, patching=patching, token_size=token_size,
+        quadtree=params, crop=crop, batch_size=batch_size, steps=steps, lr=lr, weight_decay=weight_decay,
+        warmup=warmup, dice_weight=dice_weight, jitter=jitter, val_fraction=val_fraction, val_every=val_every,
+        log_every=log_every, width=width, depth=depth, heads=heads, seed=seed, device=device, threads=threads,
+        resume=resume, overwrite=overwrite, command_line=_command_line(),
+    )
+    bar: _TrainProgress | None = None
+
+    def progress(step: int, total: int, info: dict[str, Any]) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _TrainProgress(total, step - 1)
+        bar(step, total, info)
+
+    try:
+        result = train_segmenter(cfg, progress=progress)
+    except TrainingInterrupted as exc:
+        if bar is not None:
+            bar.close()
+        typer.echo(f"interrupted at step {exc.step}: saved {exc.out / 'last.safetensors'}; continue with the "
+                   "same command plus --resume", err=True)
+        raise typer.Exit(130) from None
+    except TrainingError as exc:
+        if bar is not None:
+            bar.close()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        saved = (out / "last-state.json").exists()
+        typer.echo("interrupted" + (f"; {out / 'last.safetensors'} holds the last saved step: continue with the "
+                                    "same command plus --resume" if saved else " before any step was saved"), err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if bar is not None:
+            bar.close()
+        if debug:
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        raise typer.Exit(1) from None
+    if bar is not None:
+        bar.close()
+    for warning in result.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(describe_result(result), err=True)
