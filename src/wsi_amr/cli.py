@@ -15,6 +15,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
+from .cli_evaluate import evaluate
+from .cli_train import train_app
 from .batch import (
     BatchOptions,
     InputError,
@@ -25,7 +27,9 @@ from .batch import (
     resolve_inputs,
     run_batch,
 )
+from .jobs.quadtree import MASK_SUFFIXES
 from .progress import BatchProgress
+from .quadtree import QuadtreeError, QuadtreeParams, is_power_of_two
 from .slide import SlideError, open_slide
 from .tissue import TissueParams
 
@@ -62,8 +66,29 @@ TissueThreshold = Annotated[Optional[float], typer.Option("--tissue-threshold", 
                                                           "on saturation/brightness instead of Otsu.")]
 MinTissueArea = Annotated[float, typer.Option("--min-area", help="Drop tissue pieces smaller than this (µm²).")]
 MinHoleArea = Annotated[float, typer.Option("--min-hole", help="Fill holes in tissue smaller than this (µm²).")]
+NoTissue = Annotated[bool, typer.Option("--no-tissue", help="Use the whole slide, no tissue detection.")]
+# Adaptive quadtree (shared by every command that patches with it); defaults from QuadtreeParams.
+MinSize = Annotated[int, typer.Option("--min-size", help="Smallest leaf, working px (a power of two).")]
+MaxSize = Annotated[int, typer.Option("--max-size", help="Largest leaf (the root), working px (a power of two).")]
+TokenSize = Annotated[int, typer.Option("--token-size", help="Side every leaf is resized to, px (a power of "
+                                        "two); used by the --mask round trip.")]
+SplitThreshold = Annotated[float, typer.Option("--split-threshold", help="Split a leaf while its edge pixels "
+                                               "exceed this (a count, or per pixel of the leaf with --normalise).")]
+Normalise = Annotated[bool, typer.Option("--normalise/--no-normalise", help="Divide a leaf's edge count by its "
+                                         "area, so --split-threshold means the same at every size.")]
+MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", help="Budget mode: split the most detailed leaf "
+                                                  "until N leaves exist (instead of --split-threshold). One "
+                                                  "budget for the whole slide, as one tree over it would give, "
+                                                  "however many windows it is read in.", show_default=False)]
+BlurKernel = Annotated[int, typer.Option("--blur", help="Gaussian blur before Canny, px (odd; 0 or 1: none).")]
+CannyLow = Annotated[float, typer.Option("--canny-low", help="Canny lower hysteresis threshold.")]
+CannyHigh = Annotated[float, typer.Option("--canny-high", help="Canny upper hysteresis threshold.")]
+WindowSize = Annotated[int, typer.Option("--window", help="Process the slide in windows of this many working px "
+                                     "(a multiple of --max-size); bounds memory.")]
 
 DEFAULT_OUT = Path("wsi-amr-out")
+DEFAULT_TOKEN_SIZE = 8  # the APF paper's main setting
+DEFAULT_WINDOW = 4096  # working px: ~50 MB of RGB per window, ~0.6 GB peak while its tree is built
 
 
 def _fail_usage(message: str) -> None:
@@ -281,6 +306,94 @@ def tile(
     }
     run_slides("tile", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
                slide_mpp=slide_mpp, debug=debug)
+
+
+def _working_resolution(mpp: float | None, magnification: float | None) -> tuple[float | None, float | None]:
+    """(mpp, magnification) after checks; --mpp 0.5 when neither is given."""
+    if mpp is not None and magnification is not None:
+        _fail_usage("give either --mpp or --magnification, not both")
+    for name, value in (("--mpp", mpp), ("--magnification", magnification)):
+        if value is not None and not value > 0:
+            _fail_usage(f"{name} must be a positive number, got {value}")
+    return (0.5 if mpp is None and magnification is None else mpp), magnification
+
+
+@app.command()
+def quadtree(
+    inputs: Inputs,
+    out: Out = DEFAULT_OUT,
+    mpp: Mpp = None,
+    magnification: Magnification = None,
+    min_size: MinSize = QuadtreeParams.min_size,
+    max_size: MaxSize = QuadtreeParams.max_size,
+    token_size: TokenSize = DEFAULT_TOKEN_SIZE,
+    split_threshold: SplitThreshold = QuadtreeParams.split_threshold,
+    normalise: Normalise = QuadtreeParams.normalise,
+    max_tokens: MaxTokens = QuadtreeParams.max_tokens,
+    blur: BlurKernel = QuadtreeParams.blur_kernel,
+    canny_low: CannyLow = QuadtreeParams.canny_low,
+    canny_high: CannyHigh = QuadtreeParams.canny_high,
+    window: WindowSize = DEFAULT_WINDOW,
+    mask: Annotated[Optional[Path], typer.Option(
+        "--mask", help="Reference labels to check the leaves against: a label image (PNG/TIFF) of the "
+        "slide's level-0 size or an integer downsample of it, or QuPath GeoJSON. Reports mask_dice, "
+        "the Dice of the mask pushed through the tokens and back.", show_default=False)] = None,
+    no_tissue: NoTissue = False,
+    modality: Modality = "auto",
+    tissue_threshold: TissueThreshold = None,
+    min_area: MinTissueArea = TissueParams.min_area_um2,
+    min_hole: MinHoleArea = TissueParams.min_hole_um2,
+    jobs: Jobs = 1,
+    overwrite: Overwrite = False,
+    json_lines: JsonLines = False,
+    slide_mpp: SlideMpp = None,
+    debug: Debug = False,
+) -> None:
+    """Adaptive quadtree patching of tissue: OUT/<stem>/quadtree.h5 (leaves) and quadtree.png.
+
+    Leaves split where Canny finds edges: detailed tissue gets small leaves, flat areas large ones.
+
+    Stats: leaves, uniform_tokens (uniform patching at --min-size), reduction, seconds per stage.
+
+    The slide is read in --window windows, so memory does not grow with its size.
+
+    Example: wsi-amr quadtree slides/ -o out --mpp 1.0 --max-tokens 4096
+    """
+    mpp, magnification = _working_resolution(mpp, magnification)
+    params = QuadtreeParams(min_size=min_size, max_size=max_size, blur_kernel=blur, canny_low=canny_low,
+                            canny_high=canny_high, split_threshold=split_threshold, normalise=normalise,
+                            max_tokens=max_tokens)
+    try:
+        params.validate()
+    except QuadtreeError as exc:
+        _fail_usage(str(exc))
+    if not is_power_of_two(token_size):
+        _fail_usage(f"--token-size must be a power of two, got {token_size}")
+    if window < max_size or window % max_size:
+        _fail_usage(f"--window ({window}) must be a positive multiple of --max-size ({max_size})")
+    mask_p = None
+    if mask is not None:
+        if not mask.is_file():
+            _fail_usage(f"--mask {mask}: no such file")
+        if not mask.name.lower().endswith(MASK_SUFFIXES):
+            _fail_usage(f"--mask {mask}: give a label image ({', '.join(MASK_SUFFIXES[:3])}) or QuPath GeoJSON "
+                        "(.geojson)")
+        st = mask.stat()
+        # Identity, so that a changed mask makes the slide's outputs out of date.
+        mask_p = {"path": str(mask.resolve()), "bytes": st.st_size, "mtime": round(st.st_mtime, 3)}
+    tissue_p = None if no_tissue else _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict()
+    run_params = {
+        "tissue": tissue_p,
+        "quadtree": {**params.as_dict(), "token_size": token_size, "window": window, "mpp": mpp,
+                     "magnification": magnification},
+        "mask": mask_p,
+    }
+    run_slides("quadtree", inputs, run_params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
+               slide_mpp=slide_mpp, debug=debug)
+
+
+app.command()(evaluate)
+app.add_typer(train_app, name="train")
 
 
 def _version(value: bool) -> None:
