@@ -339,7 +339,9 @@ def test_every_readable_real_slide_gives_done_or_empty_and_a_png(runner, slides_
 
 def test_sample_slide_refines_on_tissue_detail(runner, slides_dir, tmp_path):
     cmu = slides_dir / "aperio" / "CMU-1-Small-Region.svs"
-    res = invoke(runner, "quadtree", cmu, "-o", tmp_path / "out", "--json")
+    # A low split threshold, so that nuclei-level detail reaches the minimum leaf size (at the
+    # default, borders stop at 32-px leaves).
+    res = invoke(runner, "quadtree", cmu, "-o", tmp_path / "out", "--json", "--split-threshold", "24")
     assert res.exit_code == 0, res.stderr
     stats = json_lines(res.stdout)[0]["stats"]
     assert stats["leaves"] > 0 and stats["uniform_tokens"] >= stats["leaves"]

@@ -36,15 +36,15 @@ class QuadtreeParams:
     """Quadtree settings. Sizes in working pixels (powers of two)."""
 
     # Defaults: the GlaS testA operating point at its native ~0.62 µm/px (bench/tune_quadtree.py,
-    # docs/benchmarks.md): 6.3x fewer tokens than uniform 8-px patches, round-trip gland Dice 0.992
-    # with 8-px tokens.
+    # docs/benchmarks.md): 23.7x fewer tokens than uniform 8-px patches, round-trip gland Dice
+    # 0.9945 with 8-px tokens (linear detokenising); on GlaS train, not used to choose it: 22.7x, 0.9949.
     min_size: int = 8
     max_size: int = 256
     blur_kernel: int = 21  # Gaussian kernel (odd); 0 or 1: no blur. Wide, so nuclei blur away and gland borders stay
     canny_low: float = 30.0  # low, as the wide blur leaves the borders soft
     canny_high: float = 60.0
-    split_threshold: float = 48.0  # edge pixels per pixel when normalise, else edge pixels
-    # Counts: a border stops splitting at ~16-px leaves. Per pixel, a border's density grows as the
+    split_threshold: float = 192.0  # edge pixels per pixel when normalise, else edge pixels
+    # Counts: a border stops splitting at ~32-px leaves. Per pixel, a border's density grows as the
     # node shrinks, so it splits down to min_size or not at all.
     normalise: bool = False
     max_tokens: int | None = None  # budget mode when set
