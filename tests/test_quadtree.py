@@ -237,3 +237,20 @@ def test_dice():
     a = np.zeros((4, 4), bool)
     a[:2] = True
     assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0 and dice(np.zeros(3), np.zeros(3)) == 1.0
+
+
+@pytest.mark.parametrize("cell", [1, 2, 4, 8, 16, 32])
+def test_cell_counts_are_exact(cell):
+    from wsi_amr.quadtree import _binary, _cell_integral
+
+    rng = np.random.default_rng(cell)
+    for p in (0.01, 0.5, 0.99):
+        a = rng.random((100, 150)) < p
+        rows, cols = -(-100 // 64) * 64, -(-150 // 64) * 64
+        got = _cell_integral(_binary(a), a.shape, cell, rows, cols)
+        padded = np.zeros((rows, cols), np.int64)
+        padded[:100, :150] = a
+        cells = padded.reshape(rows // cell, cell, cols // cell, cell).sum(axis=(1, 3))
+        want = np.zeros((rows // cell + 1, cols // cell + 1), np.int64)
+        want[1:, 1:] = cells.cumsum(0).cumsum(1)
+        np.testing.assert_array_equal(got, want)

@@ -117,31 +117,49 @@ def edge_map(rgb: np.ndarray, blur_kernel: int = 3, low: float = 100.0, high: fl
     return (edges > 0).astype(np.uint8)
 
 
-def _cell_integral(a: np.ndarray | None, shape: tuple[int, int], cell: int, rows: int, cols: int) -> np.ndarray:
-    """Integral image of a 0/1 (H, W) array sampled at the corners of ``cell``-px cells.
+#: Largest cell side whose pixel counts cv2's area resize gives exactly (16 is not: tests check).
+AREA_RESIZE_MAX_CELL = 8
 
-    Returns (rows/cell + 1, cols/cell + 1) int64 for an area of ``rows`` x ``cols`` px (a multiple
-    of ``cell``) whose part past the array is zero. ``a`` None means all ones over (H, W). Only the
-    corners are kept, so the full-resolution integral (int32, one cv2 pass) is never widened or
-    copied: building the tree costs a small fraction of the edge detection.
+
+def _cell_integral(a: np.ndarray | None, shape: tuple[int, int], cell: int, rows: int, cols: int) -> np.ndarray:
+    """Integral of a 0/255 uint8 (H, W) mask's pixel counts over ``cell``-px cells.
+
+    Returns (rows/cell + 1, cols/cell + 1) int64: entry (i, j) counts the set pixels above and left
+    of cell corner (i * cell, j * cell), over an area of ``rows`` x ``cols`` px (multiples of
+    ``cell``) whose part past the mask is empty. ``a`` None means every pixel of (H, W) is set.
+    Counts per cell come from one area resize (exact for cells up to 8 px: a 0/255 mask's cell
+    mean, rounded to uint8, still tells its count), or for larger cells from a full integral
+    image sampled at cell corners. Either way the mask is read once and nothing full-size is
+    widened, so building the tree costs a small fraction of the edge detection.
     """
     h, w = shape
+    r, c = rows // cell, cols // cell
+    if a is None:
+        ys = np.minimum(np.arange(0, rows + 1, cell), h)
+        xs = np.minimum(np.arange(0, cols + 1, cell), w)
+        return np.outer(ys, xs).astype(np.int64)
+    if cell <= AREA_RESIZE_MAX_CELL:
+        if (h, w) != (rows, cols):
+            a = cv2.copyMakeBorder(a, 0, rows - h, 0, cols - w, cv2.BORDER_CONSTANT, value=0)
+        mean = cv2.resize(a, (c, r), interpolation=cv2.INTER_AREA) if cell > 1 else a
+        counts = np.rint(mean * (cell * cell / 255.0)).astype(np.int64)
+        out = np.zeros((r + 1, c + 1), np.int64)
+        np.cumsum(np.cumsum(counts, axis=0), axis=1, out=out[1:, 1:])
+        return out
     ys = np.minimum(np.arange(0, rows + 1, cell), h)
     xs = np.minimum(np.arange(0, cols + 1, cell), w)
-    if a is None:
-        return np.outer(ys, xs).astype(np.int64)
     depth = cv2.CV_32S if a.size < 2**31 else cv2.CV_64F
     full = cv2.integral(a, sdepth=depth)
-    return full[np.ix_(ys, xs)].astype(np.int64)
+    return (full[np.ix_(ys, xs)] // 255).astype(np.int64)
 
 
 def _binary(a: np.ndarray) -> np.ndarray:
-    """A 0/1 uint8 view or copy of a mask or edge map."""
+    """A 0/255 uint8 copy of a mask or edge map (any non-zero value set)."""
     if a.dtype == bool:
-        return a.view(np.uint8)
-    if a.dtype == np.uint8:
-        return cv2.threshold(a, 0, 1, cv2.THRESH_BINARY)[1]
-    return (a > 0).astype(np.uint8)
+        a = a.view(np.uint8)
+    elif a.dtype != np.uint8:
+        a = (a > 0).astype(np.uint8)
+    return cv2.threshold(a, 0, 255, cv2.THRESH_BINARY)[1]
 
 
 def _box_sums(integral: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray, cell: int) -> np.ndarray:
