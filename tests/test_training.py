@@ -394,3 +394,18 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 def test_help_has_an_example():
     res = CliRunner().invoke(train_app, ["segment", "--help"])
     assert res.exit_code == 0 and "Example: wsi-amr train segment" in res.stdout
+
+
+def test_geojson_with_invalid_geometry_is_repaired_or_skipped_with_a_warning(tmp_path):
+    slide, geojson = gland_slide(tmp_path)
+    doc = json.loads(geojson.read_text())
+    bowtie = {"type": "Polygon", "coordinates": [[[400, 400], [480, 480], [480, 400], [400, 480], [400, 400]]]}
+    doc["features"].append({"type": "Feature", "geometry": bowtie,
+                            "properties": {"objectType": "annotation", "classification": {"name": "Gland"}}})
+    doc["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 2]]]},
+                            "properties": {"objectType": "annotation"}})
+    geojson.write_text(json.dumps(doc))
+    res = run("--slides", slide, "--annotations", geojson, "-o", tmp_path / "run", "--steps", 2, "--mpp", 1.0, *TINY)
+    assert res.exit_code == 0, res.stderr
+    assert "skipped 1 features (1 unreadable geometry)" in res.stderr and "warning:" in res.stderr
+    assert (tmp_path / "run" / "best.safetensors").exists()
