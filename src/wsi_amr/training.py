@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
-import hashlib
 import json
 import math
 import os
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import __version__
-from .checkpoint import save_checkpoint
+from .checkpoint import _sha256, save_checkpoint
 from .outputs import atomic_path, write_json_atomic, write_text_atomic
 from .quadtree import Leaves, QuadtreeError, QuadtreeParams, build_quadtree, edge_map, is_power_of_two, uniform_leaves
 from .segmentation import ModelCard, Normalisation, SegmenterConfig, TokenSegmenter
@@ -925,12 +924,6 @@ def make_optimizer(model: TokenSegmenter, cfg: TrainConfig) -> torch.optim.AdamW
 # ---------------------------------------------------------------------------------------------
 # Training state (resume): safetensors + JSON, never pickle
 # ---------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -1033,13 +1026,12 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
 def check_output(out: Path) -> None:
     """Create OUT and make sure it can be written to."""
+    from .batch import InputError, check_output_folder
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise TrainingInputError(f"{out}: cannot write to the output folder ({exc.strerror or exc})") from None
+        check_output_folder(out)
+    except InputError as exc:
+        raise TrainingInputError(str(exc)) from None
 
 
 RUN_FILES = ("last-state.json", "last-state.safetensors", "last.json", "last.safetensors",
