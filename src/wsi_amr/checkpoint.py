@@ -37,7 +37,7 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -59,7 +59,7 @@ def save_checkpoint(path: str | Path, model: Any, card: Any) -> tuple[Path, Path
         "architecture": model.cfg.as_dict(),
         **asdict(card),
         "weights": weights.name,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
     }
     write_json_atomic(config, doc)
     return weights, config
@@ -92,7 +92,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     doc = read_config(path)
     if not weights.exists():
         raise CheckpointError(f"{weights}: missing weights for {config.name}")
-    if doc.get("weights_sha256") and _sha256(weights) != doc["weights_sha256"]:
+    if doc.get("weights_sha256") and file_sha256(weights) != doc["weights_sha256"]:
         raise CheckpointError(f"{weights}: contents do not match the checksum in {config.name} (truncated or replaced?)")
     arch_fields = {f.name for f in fields(SegmenterConfig)}
     arch = doc.get("architecture")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import __version__
-from .checkpoint import _sha256, save_checkpoint
+from .checkpoint import file_sha256, save_checkpoint
 from .outputs import atomic_path, write_json_atomic, write_text_atomic
 from .quadtree import Leaves, QuadtreeError, QuadtreeParams, build_quadtree, edge_map, is_power_of_two, uniform_leaves
 from .segmentation import ModelCard, Normalisation, SegmenterConfig, TokenSegmenter
@@ -960,7 +960,7 @@ def save_training_state(out: Path, model: TokenSegmenter, optimizer: torch.optim
         "numpy_rng": rng.bit_generator.state,
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
         "optimizer_param_groups": groups,
-        "tensors": weights.name, "tensors_sha256": _sha256(weights),
+        "tensors": weights.name, "tensors_sha256": file_sha256(weights),
     }
     write_json_atomic(out / "last-state.json", doc)
 
@@ -981,7 +981,7 @@ def load_training_state(out: Path, model: TokenSegmenter, optimizer: torch.optim
         raise TrainingDataError(f"{doc_path}: not readable JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or doc.get("version") != STATE_VERSION:
         raise TrainingDataError(f"{doc_path}: not a wsi-amr training state (version {STATE_VERSION})")
-    if not weights.exists() or _sha256(weights) != doc.get("tensors_sha256"):
+    if not weights.exists() or file_sha256(weights) != doc.get("tensors_sha256"):
         raise TrainingDataError(f"{weights}: missing or does not match {doc_path.name} (interrupted while saving?); "
                                 "start again with --overwrite")
     for key, value in expect.items():
