@@ -803,10 +803,22 @@ def _predict(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, para
         raise ValueError(f"patching must be adaptive or uniform, not {patching!r}")
     if max_sequence < 1:
         raise ValueError(f"max_sequence must be at least 1, got {max_sequence}")
+    leaves = make_leaves(image_rgb, params, patching, tissue)
+    out = predict_leaves(model, card, image_rgb, leaves, max_sequence=max_sequence, relative_to=params.max_size)
+    return out.argmax(axis=2).astype(np.uint8), out, len(leaves)
+
+
+@torch.no_grad()
+def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, leaves: Leaves, *,
+                   max_sequence: int = MAX_SEQUENCE, relative_to: int = 256) -> np.ndarray:
+    """(H, W, K) float32 class probabilities of an image from given leaves: tokens, the model in
+    eval mode without gradients, and the per-token probabilities pasted back (linear inside each
+    leaf). Pixels under no leaf are background. More than ``max_sequence`` leaves run as several
+    sequences of consecutive leaves in Z-order, each with positions relative to its own corner
+    (rounded down to ``relative_to``)."""
     cfg = model.cfg
     p, k = cfg.token_size, cfg.num_classes
     h, w = image_rgb.shape[:2]
-    leaves = make_leaves(image_rgb, params, patching, tissue)
     probs = np.zeros((len(leaves), p, p, k), np.float32)
     if len(leaves):
         device = next(model.parameters()).device
@@ -820,9 +832,8 @@ def _predict(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, para
                     sub = leaves.take(idx)
                     geom = token_geometry(sub)
                     if n_chunks > 1:  # each chunk sees positions relative to its own corner
-                        top = params.max_size
-                        geom[:, 0] -= float(sub.x.min() // top * top)
-                        geom[:, 1] -= float(sub.y.min() // top * top)
+                        geom[:, 0] -= float(sub.x.min() // relative_to * relative_to)
+                        geom[:, 1] -= float(sub.y.min() // relative_to * relative_to)
                     toks = torch.from_numpy(tokenise(image_rgb, sub, p)).to(device)[None]
                     g = torch.from_numpy(geom).to(device)[None]
                     mask = torch.ones(1, len(sub), dtype=torch.bool, device=device)
@@ -833,7 +844,7 @@ def _predict(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, para
     out = detokenise(probs, leaves, (h, w), fill=0) if len(leaves) else np.zeros((h, w, k), np.float32)
     out = np.ascontiguousarray(out, dtype=np.float32)
     out[..., 0] += np.clip(1.0 - out.sum(axis=2), 0, None)  # uncovered pixels: background
-    return out.argmax(axis=2).astype(np.uint8), out, len(leaves)
+    return out
 
 
 def dice_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
