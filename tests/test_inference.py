@@ -101,12 +101,19 @@ def test_objects_cut_by_blocks_come_out_whole():
     labels[150:190, 200:290] = 2  # a rectangle crossing a border
     labels[5:8, 5:8] = 1  # a small object inside one block
     labels[0, 299] = 2  # one pixel at the image corner
+    probs = np.zeros((200, 300, 3), np.float32)
+    probs[..., 1] = 0.9
+    probs[..., 2] = np.where(xx < 250, 0.6, 0.8)  # the rectangle: 50 px at 0.6, 40 at 0.8 per row
     seam = SeamlessPolygons(scale=2.0, offset=(10.0, 20.0))
     for y in range(0, 200, 64):
         for x in range(0, 300, 64):
             b = Block(x, y, min(64, 300 - x), min(64, 200 - y))
-            seam.add(b, labels[b.y:b.y + b.h, b.x:b.x + b.w])
-    got = seam.finish()
+            seam.add(b, labels[b.y:b.y + b.h, b.x:b.x + b.w], probs[b.y:b.y + b.h, b.x:b.x + b.w])
+    result = seam.finish()
+    got = {label: [p for p, _ in items] for label, items in result.items()}
+    assert all(m == pytest.approx(0.9) for _, m in result[1])
+    rect = max(result[2], key=lambda item: item[0].area)
+    assert rect[1] == pytest.approx((50 * 0.6 + 40 * 0.8) / 90)
     want = labels_to_polygons(labels, scale=2.0, offset=(10.0, 20.0))
     assert sorted(got) == [1, 2]
     for label in (1, 2):

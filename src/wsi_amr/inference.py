@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import shapely
 from shapely.geometry import Polygon, box
@@ -129,28 +130,55 @@ class SeamlessPolygons:
     """Polygons of a label image that arrives block by block, with objects whole across blocks.
 
     ``add`` outlines one block's labels (working px) and maps them to output coordinates
-    (``x * scale + offset``). Pieces that touch the block's border are kept apart; ``finish``
+    (``x * scale + offset``), with each piece's sum of its class probability and pixel count when
+    probabilities are given. Pieces that touch the block's border are kept apart; ``finish``
     unions them per class, so a gland cut by two windows is one polygon, and returns every
-    class's polygons. Interior pieces are final at once; only border pieces wait (a thin band of
-    any slide), so memory follows the objects on window borders, not the slide."""
+    class's polygons with their mean class probability. Interior pieces are final at once; only
+    border pieces wait (a thin band of any slide), so memory follows the objects on window
+    borders, not the slide."""
 
     scale: float = 1.0
     offset: tuple[float, float] = (0.0, 0.0)
-    done: dict[int, list[Polygon]] = field(default_factory=dict)
-    waiting: dict[int, list[Polygon]] = field(default_factory=dict)
+    done: dict[int, list[tuple[Polygon, float, int]]] = field(default_factory=dict)
+    waiting: dict[int, list[tuple[Polygon, float, int]]] = field(default_factory=dict)
 
-    def add(self, block: Block, labels: np.ndarray) -> None:
+    def add(self, block: Block, labels: np.ndarray, probs: np.ndarray | None = None) -> None:
         ox = self.offset[0] + block.x * self.scale
         oy = self.offset[1] + block.y * self.scale
         edge = box(ox, oy, ox + block.w * self.scale, oy + block.h * self.scale).exterior
+        h, w = labels.shape
         for label, polys in labels_to_polygons(labels, scale=self.scale, offset=(ox, oy)).items():
-            touching = shapely.intersects(polys, edge) if polys else np.zeros(0, bool)
-            for poly, waits in zip(polys, touching.tolist()):
-                (self.waiting if waits else self.done).setdefault(label, []).append(poly)
+            if not polys:
+                continue
+            sums, counts = np.zeros(len(polys)), np.zeros(len(polys), np.int64)
+            if probs is not None:
+                # 4-connected components are the traced pieces; a point inside each piece finds it.
+                n, comp = cv2.connectedComponents((labels == label).astype(np.uint8), connectivity=4)
+                comp_sums = np.bincount(comp.ravel(), weights=probs[..., label].ravel(), minlength=n)
+                comp_counts = np.bincount(comp.ravel(), minlength=n)
+                inside = shapely.point_on_surface(polys)
+                px = np.clip(np.floor((shapely.get_x(inside) - ox) / self.scale).astype(np.int64), 0, w - 1)
+                py = np.clip(np.floor((shapely.get_y(inside) - oy) / self.scale).astype(np.int64), 0, h - 1)
+                ids = comp[py, px]
+                sums, counts = comp_sums[ids], comp_counts[ids]
+            touching = shapely.intersects(polys, edge)
+            for poly, waits, total, count in zip(polys, touching.tolist(), sums.tolist(), counts.tolist()):
+                (self.waiting if waits else self.done).setdefault(label, []).append((poly, total, count))
 
-    def finish(self) -> dict[int, list[Polygon]]:
-        out = {label: list(polys) for label, polys in self.done.items()}
-        for label, polys in self.waiting.items():
-            merged = polygonal_parts(shapely.unary_union(polys))
-            out.setdefault(label, []).extend(merged)
+    def finish(self) -> dict[int, list[tuple[Polygon, float | None]]]:
+        """``{label: [(polygon, mean class probability or None), ...]}`` in label order."""
+        out: dict[int, list[tuple[Polygon, float | None]]] = {}
+        for label, pieces in self.done.items():
+            out.setdefault(label, []).extend((p, t / c if c else None) for p, t, c in pieces)
+        for label, pieces in self.waiting.items():
+            parts = polygonal_parts(shapely.unary_union([p for p, _, _ in pieces]))
+            totals, counts = np.zeros(len(parts)), np.zeros(len(parts), np.int64)
+            tree = shapely.STRtree(parts)
+            points = shapely.point_on_surface([p for p, _, _ in pieces])
+            piece_idx, part_idx = tree.query(points, predicate="within")
+            for i, j in zip(piece_idx.tolist(), part_idx.tolist()):
+                totals[j] += pieces[i][1]
+                counts[j] += pieces[i][2]
+            out.setdefault(label, []).extend(
+                (p, float(t / c) if c else None) for p, t, c in zip(parts, totals.tolist(), counts.tolist()))
         return dict(sorted(out.items()))
