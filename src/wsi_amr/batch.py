@@ -36,6 +36,7 @@ JOBS: dict[str, str] = {
     "tissue": "wsi_amr.jobs.tissue:run",
     "tile": "wsi_amr.jobs.tile:run",
     "quadtree": "wsi_amr.jobs.quadtree:run",
+    "segment": "wsi_amr.jobs.segment:run",
 }
 
 MANIFEST = "manifest.json"

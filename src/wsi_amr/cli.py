@@ -392,6 +392,108 @@ def quadtree(
                slide_mpp=slide_mpp, debug=debug)
 
 
+BUNDLED_MODELS = Path(__file__).parent / "models"
+
+
+def bundled_models() -> list[Path]:
+    """Checkpoints shipped inside the package (``wsi_amr/models/*.safetensors``), by name."""
+    return sorted(BUNDLED_MODELS.glob("*.safetensors")) if BUNDLED_MODELS.is_dir() else []
+
+
+def _list_models() -> None:
+    from .checkpoint import read_config
+
+    models = bundled_models()
+    if not models:
+        typer.echo("no model is bundled with this installation; train one with `wsi-amr train segment` and "
+                   "pass it with --model")
+        return
+    for path in models:
+        doc = read_config(path)
+        card = doc
+        training = doc.get("training", {})
+        typer.echo(f"{path.stem}{'  (default)' if path == models[0] else ''}")
+        typer.echo(f"  file: {path}")
+        typer.echo(f"  classes: {', '.join(card.get('class_names', []))}; working mpp {card.get('mpp')}")
+        for key in ("description", "data", "data_licence", "command", "test_dice"):
+            if key in training:
+                typer.echo(f"  {key.replace('_', ' ')}: {training[key]}")
+
+
+@app.command()
+def segment(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Slides, folders (searched recursively), globs, or - to read paths from stdin.",
+        show_default=False)] = None,
+    out: Out = DEFAULT_OUT,
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", "-m", help="A checkpoint from `wsi-amr train segment` (NAME.safetensors with NAME.json "
+        "beside it) [default: the bundled model, see --list-models].", show_default=False)] = None,
+    list_models: Annotated[bool, typer.Option("--list-models", help="Show the bundled models and exit.")] = False,
+    patching: Annotated[Optional[str], typer.Option(
+        "--patching", help="adaptive or uniform [default: as the model was trained].", show_default=False)] = None,
+    window: Annotated[int, typer.Option("--window", help="Window side, working px.")] = 2048,
+    overlap: Annotated[int, typer.Option("--overlap", help="Overlap of neighbouring windows, working px "
+                                         "(probabilities are blended across it).")] = 128,
+    simplify: Annotated[float, typer.Option("--simplify", help="Polygon simplification tolerance, µm "
+                                            "(0: exact pixel outlines).")] = 0.5,
+    min_object: Annotated[float, typer.Option("--min-object", help="Drop objects smaller than this, µm².")] = 50.0,
+    object_type: Annotated[str, typer.Option("--object-type", help="QuPath object type: annotation "
+                                             "(editable) or detection (faster with many objects).")] = "annotation",
+    gzip: Annotated[bool, typer.Option("--gzip", help="Write <stem>.geojson.gz.")] = False,
+    modality: Modality = "auto",
+    tissue_threshold: TissueThreshold = None,
+    min_area: MinTissueArea = TissueParams.min_area_um2,
+    min_hole: MinHoleArea = TissueParams.min_hole_um2,
+    jobs: Jobs = 1,
+    overwrite: Overwrite = False,
+    json_lines: JsonLines = False,
+    slide_mpp: SlideMpp = None,
+    debug: Debug = False,
+) -> None:
+    """Segment slides with a token segmentation model: OUT/<stem>/<stem>.geojson (QuPath) and overlay.png.
+
+    Windows at the model's mpp, an adaptive quadtree per window, the model, probabilities blended in
+    the overlaps, polygons with holes in level-0 px, whole across windows.
+
+    Example: wsi-amr segment slides/ -o out --model runs/glas/best.safetensors --object-type detection
+    """
+    if list_models:
+        _list_models()
+        raise typer.Exit(0)
+    if not inputs:
+        _fail_usage("give slides to segment (or --list-models)")
+    if model is None:
+        found = bundled_models()
+        if not found:
+            _fail_usage("no bundled model in this installation; give --model (a checkpoint from "
+                        "`wsi-amr train segment`)")
+        model = found[0]
+    from .checkpoint import CheckpointError, checkpoint_paths, read_config
+
+    try:
+        weights, _ = checkpoint_paths(model)
+        doc = read_config(model)
+    except CheckpointError as exc:
+        _fail_usage(str(exc))
+    if patching not in (None, "adaptive", "uniform"):
+        _fail_usage(f"--patching must be adaptive or uniform, got {patching!r}")
+    if object_type not in ("annotation", "detection"):
+        _fail_usage(f"--object-type must be annotation or detection, got {object_type!r}")
+    if window < 64 or not 0 <= overlap <= window // 2:
+        _fail_usage(f"--window must be at least 64 px and --overlap between 0 and half of it, got {window} and {overlap}")
+    if simplify < 0 or min_object < 0:
+        _fail_usage("--simplify and --min-object must not be negative")
+    params = {
+        "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
+        "segment": {"model": str(weights.resolve()), "model_sha256": doc.get("weights_sha256"), "patching": patching,
+                    "window": window, "overlap": overlap, "simplify_um": simplify, "min_area_um2": min_object,
+                    "object_type": object_type, "gzip": gzip},
+    }
+    run_slides("segment", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
+               slide_mpp=slide_mpp, debug=debug)
+
+
 app.command()(evaluate)
 app.add_typer(train_app, name="train")
 

@@ -1,0 +1,199 @@
+"""``wsi-amr segment``: whole-slide segmentation to QuPath GeoJSON with a token segmentation model.
+
+Per slide: tissue (reused when current), then windows at the model's working mpp (``window`` px,
+``overlap`` px shared with each neighbour) in raster order; per window an adaptive quadtree over
+its tissue (or uniform leaves), the model on its tokens, the detokenised probabilities blended in
+the overlaps (:func:`wsi_amr.inference.blend_stream`), and the final blocks outlined on pixel
+edges and merged across blocks (:class:`wsi_amr.inference.SeamlessPolygons`). The next window is
+read on a second thread while the model works. Memory is bounded by the window and one overlap
+band across the slide's width.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import shapely
+
+from ..batch import EmptySlide, JobContext
+from ..checkpoint import load_checkpoint
+from ..geojson import PathClass, make_feature, write_geojson
+from ..inference import Block, SeamlessPolygons, blend_stream, window_starts
+from ..outputs import write_png_atomic
+from ..quadtree import uniform_token_count
+from ..slide import Resolution, open_slide
+from ..training import make_leaves, patching_from_card, predict_leaves
+from .quadtree import sample_mask
+from .tissue import ASSUMED_MPP, load_or_detect, overlay_image, tissue_params
+
+OVERLAY_FILE = "overlay.png"
+
+
+def geojson_name(stem: str, gzip: bool) -> str:
+    return f"{stem}.geojson" + (".gz" if gzip else "")
+
+
+def _class_overlay(thumb: np.ndarray, objects: dict[int, list[tuple[Any, float | None]]], colors: list[list[int]],
+                   scale: float, offset: tuple[float, float]) -> np.ndarray:
+    """The thumbnail with each object filled (translucent) and outlined in its class colour.
+    ``scale``: thumbnail px per output coordinate unit; ``offset`` added to coordinates first."""
+    fill = thumb.copy()
+    lines = []
+    for label, items in objects.items():
+        color = tuple(int(c) for c in colors[label]) if label < len(colors) else (255, 0, 0)
+        for poly, _ in items:
+            rings = [poly.exterior, *poly.interiors]
+            pts = [np.round((np.asarray(r.coords)[:, :2] + offset) * scale).astype(np.int32) for r in rings]
+            cv2.fillPoly(fill, [pts[0]], color)
+            for hole in pts[1:]:
+                cv2.fillPoly(fill, [hole], (0, 0, 0))
+            lines.append((pts, color))
+    out = cv2.addWeighted(thumb, 0.6, fill, 0.4, 0)
+    for pts, color in lines:
+        cv2.polylines(out, pts, True, color, 1)
+    return out
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    sp = ctx.params["segment"]
+    model, card = load_checkpoint(sp["model"])
+    import torch
+
+    torch.set_num_threads(max(1, ctx.threads))
+    params, trained_mode = patching_from_card(card)
+    patching = sp.get("patching") or trained_mode
+    window, overlap = int(sp["window"]), int(sp["overlap"])
+    k = model.cfg.num_classes
+    timing = {"read": 0.0, "tissue": 0.0, "quadtree": 0.0, "model": 0.0, "blend": 0.0, "polygons": 0.0, "write": 0.0}
+    tokens = {"adaptive": 0, "uniform": 0, "used": 0}
+    with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
+        t0 = time.perf_counter()
+        tm = load_or_detect(ctx, slide, tissue_params(ctx.params["tissue"]))
+        timing["tissue"] += time.perf_counter() - t0
+        if slide.mpp is None:
+            ctx.warn(f"{slide.name}: no mpp recorded; assuming {ASSUMED_MPP} µm/px (set --slide-mpp)")
+        ds = slide.downsample_for(Resolution(mpp=card.mpp))
+        w0, h0 = slide.dimensions
+        width, height = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
+        mpp0 = slide.mpp or (ASSUMED_MPP, ASSUMED_MPP)
+        px_um2 = mpp0[0] * mpp0[1]  # per level-0 px^2
+        bx, by = slide.bounds_offset
+        seam = SeamlessPolygons(scale=ds, offset=(-float(bx), -float(by)))
+        order = [Block(x, y, min(window, width - x), min(window, height - y))
+                 for y in window_starts(height, window, overlap) for x in window_starts(width, window, overlap)]
+        n_windows = len(order)
+
+        def tissue_of(b: Block) -> np.ndarray:
+            from .quadtree import Window
+
+            return sample_mask(tm.mask, tm.downsample, ds, Window(b.x, b.y, b.w, b.h))
+
+        def read(b: Block) -> tuple[np.ndarray | None, np.ndarray, float]:
+            tissue = tissue_of(b)
+            if not tissue.any():
+                return None, tissue, 0.0
+            t = time.perf_counter()
+            rgb = slide.read_region(b.x * ds, b.y * ds, b.w, b.h, ds)
+            return rgb, tissue, time.perf_counter() - t
+
+        done = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader:
+            pending: dict[Block, Future] = {}
+            position = {b: i for i, b in enumerate(order)}
+
+            def predict(b: Block) -> np.ndarray | None:
+                nonlocal done
+                i = position[b]
+                for nb in order[i:i + 2]:  # this window and the next one, read ahead
+                    if nb not in pending:
+                        pending[nb] = reader.submit(read, nb)
+                rgb, tissue, seconds = pending.pop(b).result()
+                timing["read"] += seconds
+                done += 1
+                ctx.progress(done, n_windows)
+                if rgb is None:
+                    return None
+                t = time.perf_counter()
+                leaves = make_leaves(rgb, params, patching, tissue)
+                timing["quadtree"] += time.perf_counter() - t
+                tokens["used"] += len(leaves)
+                tokens["adaptive" if patching == "adaptive" else "uniform"] += len(leaves)
+                if patching == "adaptive":
+                    tokens["uniform"] += uniform_token_count(tissue.shape, params.min_size, tissue)
+                t = time.perf_counter()
+                probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size)
+                timing["model"] += time.perf_counter() - t
+                return probs
+
+            t_blend = time.perf_counter()
+            for block, probs, covered in blend_stream(width, height, window, overlap, k, predict):
+                t = time.perf_counter()
+                labels = probs.argmax(axis=2).astype(np.uint8 if k < 256 else np.int32)
+                labels[~covered] = 0
+                seam.add(block, labels, probs)
+                timing["polygons"] += time.perf_counter() - t
+            timing["blend"] = (time.perf_counter() - t_blend - timing["polygons"] - timing["model"]
+                               - timing["quadtree"])
+        t = time.perf_counter()
+        objects = seam.finish()
+        # Simplify (tolerance in µm) and drop small objects (µm^2), in level-0 px.
+        tol = float(sp["simplify_um"]) / float(np.mean(mpp0))
+        min_area_px = float(sp["min_area_um2"]) / px_um2
+        kept: dict[int, list[tuple[Any, float | None]]] = {}
+        for label, items in objects.items():
+            if label == 0:
+                continue
+            polys = [p for p, _ in items]
+            simple = shapely.simplify(polys, tol, preserve_topology=True) if tol > 0 else polys
+            kept[label] = [(s, m) for s, (p, m) in zip(simple, items) if p.area >= min_area_px and not s.is_empty]
+        timing["polygons"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        names, colors = card.class_names, card.class_colors
+        object_type = sp["object_type"]
+
+        def features():
+            for label, items in kept.items():
+                cls = PathClass(names[label] if label < len(names) else f"class {label}",
+                                tuple(colors[label]) if label < len(colors) else (255, 0, 0))
+                for poly, mean_prob in items:
+                    f = make_feature(poly, object_type=object_type, classification=cls, measurements={
+                        "Area µm^2": round(poly.area * px_um2, 2),
+                        "Mean probability": None if mean_prob is None else round(mean_prob, 4)})
+                    if f is not None:
+                        yield f
+
+        out_name = geojson_name(slide.stem, bool(sp["gzip"]))
+        report = write_geojson(ctx.out_dir / out_name, features())
+        thumb, tds = slide.thumbnail(2048)
+        overlay = _class_overlay(thumb, kept, colors, 1.0 / tds, (float(bx), float(by)))
+        write_png_atomic(ctx.out_dir / OVERLAY_FILE, overlay)
+        timing["write"] += time.perf_counter() - t
+        info, name = slide.info(), slide.name
+
+    counts = {names[c] if c < len(names) else f"class {c}": len(v) for c, v in kept.items()}
+    stats: dict[str, Any] = {
+        "objects": report.written,
+        "objects_per_class": counts,
+        "dropped_invalid": report.dropped,
+        "patching": patching,
+        "tokens": tokens["used"],
+        "uniform_tokens": tokens["uniform"] if patching == "adaptive" else tokens["used"],
+        "token_reduction": (round(tokens["uniform"] / tokens["used"], 3)
+                            if patching == "adaptive" and tokens["used"] else None),
+        "windows": n_windows,
+        "mpp": round(float(np.mean(mpp0)) * ds, 6),
+        "downsample": round(ds, 6),
+        **{f"seconds_{name}": round(v, 3) for name, v in timing.items()},
+    }
+    outputs = {"geojson": out_name, "overlay": OVERLAY_FILE}
+    if tokens["used"] == 0:
+        raise EmptySlide(f"{name}: no tissue found; wrote an empty {out_name}", outputs, stats)
+    stats["model"] = Path(sp["model"]).name
+    return {"outputs": outputs, "stats": stats, "slide": info}

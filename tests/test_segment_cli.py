@@ -1,0 +1,119 @@
+"""`wsi-amr segment`: whole-slide inference to QuPath GeoJSON (synthetic slides, stand-in models)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import torch
+from shapely.geometry import shape
+
+from conftest import invoke
+from wsi_amr.checkpoint import save_checkpoint
+from wsi_amr.geojson import validate_geojson
+from wsi_amr.segmentation import ModelCard, SegmenterConfig, TokenSegmenter
+
+SMALL = SegmenterConfig(token_size=8, width=32, depth=1, heads=4)
+
+
+def constant_model(path: Path, label: int = 1, mpp: float = 2.0) -> Path:
+    """A model that predicts ``label`` for every pixel it sees (head weights zero, bias large)."""
+    model = TokenSegmenter(SMALL)
+    head = model.head[2]
+    p = SMALL.token_size
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[label * p * p:(label + 1) * p * p] = 10.0
+    card = ModelCard(mpp=mpp, patching={"mode": "adaptive", "token_size": 8, "quadtree": {"max_size": 64}})
+    weights, _ = save_checkpoint(path, model, card)
+    return weights
+
+
+def features(path: Path) -> list[dict]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        return json.load(fh)["features"]
+
+
+def test_one_tissue_region_across_many_windows_is_one_object(runner, rect_slide, tmp_path):
+    slide, (x, y, w, h) = rect_slide  # 3072 x 2048 at 0.5 µm/px; at 2 µm/px the rectangle is 384 x 320
+    model = constant_model(tmp_path / "m")
+    res = invoke(runner, "segment", slide, "-o", tmp_path / "out", "--model", model, "--window", 128,
+                 "--overlap", 16, "--simplify", 0, "--json")
+    assert res.exit_code == 0, res.stderr
+    row = json.loads(res.stdout.splitlines()[0])
+    stats = row["stats"]
+    assert stats["windows"] > 12 and stats["tokens"] > 0 and stats["uniform_tokens"] >= stats["tokens"]
+    assert {"seconds_read", "seconds_tissue", "seconds_quadtree", "seconds_model", "seconds_polygons",
+            "seconds_write"} <= set(stats)
+    out = tmp_path / "out" / "rect"
+    assert validate_geojson(out / "rect.geojson") == []
+    feats = features(out / "rect.geojson")
+    assert len(feats) == 1  # one object, although the rectangle spans 4 x 3 windows
+    props = feats[0]["properties"]
+    assert props["classification"]["name"] == "Gland" and props["objectType"] == "annotation"
+    assert props["measurements"]["Mean probability"] == pytest.approx(1.0, abs=1e-3)
+    poly = shape(feats[0]["geometry"])
+    # Leaves holding tissue cover the rectangle (64-px leaves at 2 µm/px: 256 level-0 px, aligned).
+    rect = shapely.box(x, y, x + w, y + h)
+    assert poly.buffer(1e-6).contains(rect) and poly.area <= rect.buffer(256, join_style=2).area
+    assert props["measurements"]["Area µm^2"] == pytest.approx(poly.area * 0.25, rel=1e-3)
+    assert (out / "overlay.png").stat().st_size > 0
+
+
+def test_detections_gzip_and_a_model_that_finds_nothing(runner, rect_slide, tmp_path):
+    slide, _ = rect_slide
+    model = constant_model(tmp_path / "m")
+    res = invoke(runner, "segment", slide, "-o", tmp_path / "out", "--model", model, "--object-type", "detection",
+                 "--gzip")
+    assert res.exit_code == 0, res.stderr
+    feats = features(tmp_path / "out" / "rect" / "rect.geojson.gz")
+    assert feats and all(f["properties"]["objectType"] == "detection" for f in feats)
+    assert validate_geojson(tmp_path / "out" / "rect" / "rect.geojson.gz") == []
+    background = constant_model(tmp_path / "bg", label=0)
+    res = invoke(runner, "segment", slide, "-o", tmp_path / "out2", "--model", background)
+    assert res.exit_code == 0, res.stderr
+    assert features(tmp_path / "out2" / "rect" / "rect.geojson") == []
+
+
+def test_rerun_skips_and_corrupt_slide_fails_alone(runner, rect_slide, tmp_path):
+    slide, _ = rect_slide
+    model = constant_model(tmp_path / "m")
+    folder = slide.parent
+    (folder / "broken.svs").write_bytes(b"not a slide")
+    res = invoke(runner, "segment", folder, "-o", tmp_path / "out", "--model", model, "--json")
+    assert res.exit_code == 1
+    rows = {json.loads(line)["stem"]: json.loads(line) for line in res.stdout.splitlines()}
+    assert rows["rect"]["status"] == "done" and rows["broken"]["status"] == "failed"
+    assert "broken.svs" in res.stderr
+    again = invoke(runner, "segment", slide, "-o", tmp_path / "out", "--model", model, "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout.splitlines()[0])["status"] == "skipped"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--overlap", "100", "--window", "128"], "--overlap"),
+    (["--object-type", "cell"], "--object-type"),
+    (["--patching", "grid"], "--patching"),
+])
+def test_bad_options_exit_2(runner, rect_slide, tmp_path, args, needle):
+    slide, _ = rect_slide
+    model = constant_model(tmp_path / "m")
+    res = invoke(runner, "segment", slide, "-o", tmp_path / "out", "--model", model, *args)
+    assert res.exit_code == 2 and needle in res.stderr
+
+
+def test_bad_model_is_one_line(runner, rect_slide, tmp_path):
+    slide, _ = rect_slide
+    (tmp_path / "x.safetensors").write_bytes(b"junk")
+    res = invoke(runner, "segment", slide, "-o", tmp_path / "out", "--model", tmp_path / "x.safetensors")
+    assert res.exit_code == 2 and "x.json" in res.stderr and "missing" in res.stderr
+
+
+def test_list_models_runs(runner):
+    res = invoke(runner, "segment", "--list-models")
+    assert res.exit_code == 0 and res.stdout.strip()
