@@ -100,7 +100,7 @@ def blend_stream(
                 if probs.shape != (h, w, k):
                     raise ValueError(f"predict returned {probs.shape} for a {w}x{h} window with {k} classes")
                 weight = y_ramp[:, None] * ramp(w, overlap, j > 0, not last_col)[None, :]
-                acc[..., :k] = probs * weight[..., None]
+                np.multiply(probs, weight[..., None], out=acc[..., :k])
                 acc[..., k] = weight
             if right is not None:  # the previous window's share of this window's left columns
                 acc[:emit_h, :overlap] += right
@@ -153,9 +153,11 @@ class SeamlessPolygons:
             sums, counts = np.zeros(len(polys)), np.zeros(len(polys), np.int64)
             if probs is not None:
                 # 4-connected components are the traced pieces; a point inside each piece finds it.
-                n, comp = cv2.connectedComponents((labels == label).astype(np.uint8), connectivity=4)
-                comp_sums = np.bincount(comp.ravel(), weights=probs[..., label].ravel(), minlength=n)
-                comp_counts = np.bincount(comp.ravel(), minlength=n)
+                fg = labels == label
+                n, comp = cv2.connectedComponents(fg.view(np.uint8), connectivity=4)
+                ids = comp[fg]
+                comp_sums = np.bincount(ids, weights=probs[..., label][fg], minlength=n)
+                comp_counts = np.bincount(ids, minlength=n)
                 inside = shapely.point_on_surface(polys)
                 px = np.clip(np.floor((shapely.get_x(inside) - ox) / self.scale).astype(np.int64), 0, w - 1)
                 py = np.clip(np.floor((shapely.get_y(inside) - oy) / self.scale).astype(np.int64), 0, h - 1)
