@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""`wsi-amr segment` on one slide, adaptive against uniform patching, same model, one run.
+
+Runs the command twice on the same slide (``--patching adaptive`` then ``--patching uniform``,
+each in its own process with ``--overwrite``), and reports wall time, peak memory (RSS of the
+process), tokens, and the time per stage from each run's manifest; the speed-up is the ratio of
+the two wall times. With ``--reference`` (the slide's ground-truth GeoJSON from
+``bench/make_slide.py``) each result is scored with ``wsi-amr evaluate``.
+
+    python bench/segment.py --slide bench/out/slides/glas-20000.tiff --model runs/glas/best.safetensors \\
+        --reference bench/out/slides/glas-20000.geojson
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_segment(exe: str, slide: Path, model: Path, out: Path, patching: str, extra: list[str]) -> dict:
+    cmd = [exe, "segment", str(slide), "-o", str(out), "--model", str(model), "--patching", patching,
+           "--overwrite", "--json", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{patching}: exit {res.returncode}\n{res.stderr}")
+    row = json.loads(res.stdout.strip().splitlines()[0])
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"patching": patching, "wall_s": round(wall, 1), "peak_rss_mib": round(max(peak, before) / 1024),
+            "stats": row["stats"], "geojson": str(Path(row["out_dir"]) / row["outputs"]["geojson"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slide", type=Path, required=True)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--reference", type=Path, help="ground-truth GeoJSON of the slide, to score both results")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "segment")
+    ap.add_argument("--modes", default="adaptive,uniform")
+    ap.add_argument("--args", default="", help="more options for both runs, as one string")
+    args = ap.parse_args(argv)
+    exe = str(Path(sys.executable).with_name("wsi-amr"))
+    rows = []
+    for mode in args.modes.split(","):
+        row = run_segment(exe, args.slide, args.model, args.out / mode, mode, args.args.split())
+        if args.reference:
+            from tifffile import TiffFile
+
+            with TiffFile(args.slide) as tif:
+                h, w = tif.pages[0].shape[:2]
+            ev = subprocess.run([exe, "evaluate", row["geojson"], str(args.reference), "--size", f"{w}x{h}",
+                                 "--downsample", "4", "--json"], capture_output=True, text=True, check=True)
+            row["dice"] = json.loads(ev.stdout.strip().splitlines()[-1])["mean_dice"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if len(rows) == 2:
+        a, u = rows
+        print(f"speed-up adaptive over uniform: {u['wall_s'] / a['wall_s']:.2f}x wall, "
+              f"{u['stats']['seconds_model'] / max(a['stats']['seconds_model'], 1e-9):.2f}x model; tokens "
+              f"{a['stats']['tokens']} vs {u['stats']['tokens']} ({platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "segment.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
