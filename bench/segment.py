@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -29,15 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 def run_segment(exe: str, slide: Path, model: Path, out: Path, patching: str, extra: list[str]) -> dict:
     cmd = [exe, "segment", str(slide), "-o", str(out), "--model", str(model), "--patching", patching,
            "--overwrite", "--json", *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # A fresh parent per run, so the peak RSS it reports is this run's alone.
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+               "sys.exit(r.returncode)")
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"{patching}: exit {res.returncode}\n{res.stderr}")
     row = json.loads(res.stdout.strip().splitlines()[0])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"patching": patching, "wall_s": round(wall, 1), "peak_rss_mib": round(max(peak, before) / 1024),
+    peak = int(res.stderr.strip().splitlines()[-1].split()[-1])
+    return {"patching": patching, "wall_s": round(wall, 1), "peak_rss_mib": round(peak / 1024),
             "stats": row["stats"], "geojson": str(Path(row["out_dir"]) / row["outputs"]["geojson"])}
 
 
