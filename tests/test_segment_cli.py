@@ -117,3 +117,15 @@ def test_bad_model_is_one_line(runner, rect_slide, tmp_path):
 def test_list_models_runs(runner):
     res = invoke(runner, "segment", "--list-models")
     assert res.exit_code == 0 and res.stdout.strip()
+
+
+def test_bundled_model_is_listed_and_used_without_model(runner, rect_slide, tmp_path):
+    res = invoke(runner, "segment", "--list-models")
+    assert res.exit_code == 0 and "glas-gland  (default)" in res.stdout and "research use only" in res.stdout
+    assert "test dice: GlaS testA" in res.stdout
+    slide, _ = rect_slide
+    res = invoke(runner, "segment", slide, "-o", tmp_path / "out", "--json")
+    assert res.exit_code == 0, res.stderr
+    row = json.loads(res.stdout.splitlines()[0])
+    assert row["stats"]["model"] == "glas-gland.safetensors" and row["stats"]["mpp"] == pytest.approx(0.62, rel=1e-3)
+    assert validate_geojson(tmp_path / "out" / "rect" / "rect.geojson") == []

@@ -415,9 +415,15 @@ def _list_models() -> None:
         typer.echo(f"{path.stem}{'  (default)' if path == models[0] else ''}")
         typer.echo(f"  file: {path}")
         typer.echo(f"  classes: {', '.join(card.get('class_names', []))}; working mpp {card.get('mpp')}")
+        data = training.get("data") or {}
         for key in ("description", "data", "data_licence", "command", "test_dice"):
-            if key in training:
-                typer.echo(f"  {key.replace('_', ' ')}: {training[key]}")
+            value = training.get(key)
+            if key == "data" and isinstance(value, dict):
+                sources = data.get("images") or data.get("slides") or []
+                value = (f"{' '.join(map(str, sources))}: {data.get('train_items')} for training, "
+                         f"{len(data.get('val_names') or [])} for validation")
+            if value:
+                typer.echo(f"  {key.replace('_', ' ')}: {value}")
 
 
 @app.command()
