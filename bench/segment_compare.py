@@ -15,7 +15,7 @@
 Speed is reported as ratios measured in the same run. Everything goes to ``OUT/compare.json``.
 
     python bench/segment_compare.py --steps 1000 --out bench/out/compare
-    python bench/segment_compare.py --out bench/out/compare --windows 2048,4096,8192 --skip-test
+    python bench/segment_compare.py --out bench/out/compare --windows 1024,2048,4096 --skip-test --max-sequence 0
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def windows(models: dict[str, Any], args: argparse.Namespace) -> list[dict[str, 
                 for mode in (MODES if r % 2 == 0 else MODES[::-1]):
                     model, card = models[mode]
                     t0 = time.perf_counter()
-                    predict_image(model, card, rgb, patching=mode, tissue=tissue)
+                    predict_image(model, card, rgb, patching=mode, tissue=tissue, max_sequence=args.max_sequence)
                     times[mode].append(time.perf_counter() - t0)
             for mode in MODES:
                 params, _ = patching_from_card(models[mode][1])
@@ -165,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slide", type=Path, default=REPO / "bench" / "out" / "slides" / "glas-20000.tiff")
     ap.add_argument("--windows", default="4096,8192", help="window sides, working px ('' to skip)")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--max-sequence", type=int, default=16384,
+                    help="longest token sequence in one attention (0: the whole window, global attention)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for inference")
     args = ap.parse_args(argv)
     args.windows = [int(v) for v in args.windows.split(",") if v.strip()]
+    args.max_sequence = args.max_sequence or 2**62
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["testA"]), flush=True)
     if args.windows:
         result["windows"] = windows(models, args)
-    (args.out / "compare.json").write_text(json.dumps(result, indent=1))
+    name = "compare.json" if args.max_sequence == 16384 else f"compare-seq{args.max_sequence}.json"
+    (args.out / name).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 
