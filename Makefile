@@ -27,6 +27,7 @@ demo: install $(SAMPLE)
 	$(CLI) tissue $(SAMPLE) -o $(DEMO_OUT)
 	$(CLI) tile $(SAMPLE) -o $(DEMO_OUT) --mpp 0.5 --size 256 --save-images
 	$(CLI) quadtree $(SAMPLE) -o $(DEMO_OUT)
+	$(CLI) segment $(SAMPLE) -o $(DEMO_OUT)
 	@echo "demo outputs in $(DEMO_OUT)/CMU-1-Small-Region/:"; ls $(DEMO_OUT)/CMU-1-Small-Region
 
 test: install
