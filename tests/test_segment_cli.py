@@ -129,3 +129,33 @@ def test_bundled_model_is_listed_and_used_without_model(runner, rect_slide, tmp_
     row = json.loads(res.stdout.splitlines()[0])
     assert row["stats"]["model"] == "glas-gland.safetensors" and row["stats"]["mpp"] == pytest.approx(0.62, rel=1e-3)
     assert validate_geojson(tmp_path / "out" / "rect" / "rect.geojson") == []
+
+
+def _real_slides() -> list[Path]:
+    from conftest import SLIDES
+
+    if not SLIDES.is_dir():
+        return []
+    return [p for p in sorted(SLIDES.rglob("*")) if p.is_file() and "negative" not in p.parts
+            and "licenses" not in p.parts and p.suffix != ".md"]
+
+
+@pytest.mark.parametrize("path", _real_slides() or [None], ids=lambda p: p.name if p else "no-data")
+def test_every_readable_real_slide_is_segmented_with_the_bundled_model(runner, slides_dir, tmp_path, path):
+    from wsi_amr.slide import open_slide
+
+    with open_slide(path) as slide:
+        mpp = slide.mpp
+    args = ("--slide-mpp", "0.5") if mpp is None else ()
+    res = invoke(runner, "segment", path, "-o", tmp_path / "out", "--json", *args)
+    assert "Traceback" not in res.stderr
+    (row,) = [json.loads(line) for line in res.stdout.splitlines()]
+    if mpp is not None and mpp[0] > 0.62:  # coarser than the model's 0.62 µm/px: refused, not upsampled
+        assert row["status"] == "failed" and "finer than the slide's level 0" in row["message"]
+        return
+    assert row["status"] in ("done", "empty"), row["message"]
+    out = Path(row["out_dir"])
+    assert validate_geojson(out / row["outputs"]["geojson"]) == []
+    assert (out / "overlay.png").exists()
+    if path.name == "CMU-1-Small-Region.svs":
+        assert row["status"] == "done" and row["stats"]["objects"] > 0
