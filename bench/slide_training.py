@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-tissue", action="store_true", help="segment whole windows, not only their tissue")
     args = ap.parse_args(argv)
 
     from wsi_amr.checkpoint import load_checkpoint
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for win in picked:
             rgb = slide.read_region(win.x * ds, win.y * ds, win.w, win.h, ds)
             tissue = sample_mask(tm.mask, tm.downsample, ds, win)
-            pred, _ = predict_image(model, card, rgb, tissue=tissue)
+            pred, _ = predict_image(model, card, rgb, tissue=None if args.no_tissue else tissue)
             truth = (truth_map.window(win, ds) > 0).astype(np.uint8)
             c = dice_counts(pred, truth, 2)
             counts += c
