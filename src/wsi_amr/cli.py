@@ -441,6 +441,9 @@ def segment(
     window: Annotated[int, typer.Option("--window", help="Window side, working px.")] = 2048,
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap of neighbouring windows, working px "
                                          "(probabilities are blended across it).")] = 128,
+    context: Annotated[Optional[int], typer.Option(
+        "--context", help="Attention context, working px: the model attends within squares of this side "
+        "[default: the model's training crop]; 0: the whole window.", show_default=False)] = None,
     simplify: Annotated[float, typer.Option("--simplify", help="Polygon simplification tolerance, µm "
                                             "(0: exact pixel outlines).")] = 0.5,
     min_object: Annotated[float, typer.Option("--min-object", help="Drop objects smaller than this, µm².")] = 50.0,
@@ -488,12 +491,14 @@ def segment(
         _fail_usage(f"--object-type must be annotation or detection, got {object_type!r}")
     if window < 64 or not 0 <= overlap <= window // 2:
         _fail_usage(f"--window must be at least 64 px and --overlap between 0 and half of it, got {window} and {overlap}")
+    if context is not None and context < 0:
+        _fail_usage(f"--context must be 0 or a positive number of px, got {context}")
     if simplify < 0 or min_object < 0:
         _fail_usage("--simplify and --min-object must not be negative")
     params = {
         "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
         "segment": {"model": str(weights.resolve()), "model_sha256": doc.get("weights_sha256"), "patching": patching,
-                    "window": window, "overlap": overlap, "simplify_um": simplify, "min_area_um2": min_object,
+                    "window": window, "overlap": overlap, "context": context, "simplify_um": simplify, "min_area_um2": min_object,
                     "object_type": object_type, "gzip": gzip},
     }
     run_slides("segment", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,

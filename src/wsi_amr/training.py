@@ -808,14 +808,51 @@ def _predict(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, para
     return out.argmax(axis=2).astype(np.uint8), out, len(leaves)
 
 
+def context_blocks(leaves: Leaves, context: int) -> list[np.ndarray]:
+    """Indices of the leaves in each ``context``-px square of the image (aligned to its corner),
+    in Z-order of the squares; a leaf belongs to the square holding its top-left corner."""
+    if len(leaves) == 0:
+        return []
+    key = (leaves.y // context) * (int(leaves.x.max()) // context + 1) + leaves.x // context
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.diff(key[order])) + 1
+    return np.split(order, bounds)
+
+
+def _sequences(leaves: Leaves, max_sequence: int, context: int | None, relative_to: int) -> list[tuple[np.ndarray, float, float]]:
+    """(leaf indices, x origin, y origin) of each sequence the model runs on."""
+    if context:
+        groups = context_blocks(leaves, context)
+        out = []
+        for idx in groups:
+            for part in np.array_split(idx, -(-len(idx) // max_sequence)):
+                sub_x, sub_y = leaves.x[part].min(), leaves.y[part].min()
+                out.append((part, float(sub_x // context * context), float(sub_y // context * context)))
+        return out
+    n_chunks = -(-len(leaves) // max_sequence)
+    if n_chunks == 1:
+        return [(np.arange(len(leaves)), 0.0, 0.0)]
+    out = []
+    for idx in np.array_split(np.arange(len(leaves)), n_chunks):  # each with positions from its own corner
+        out.append((idx, float(leaves.x[idx].min() // relative_to * relative_to),
+                    float(leaves.y[idx].min() // relative_to * relative_to)))
+    return out
+
+
 @torch.no_grad()
 def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, leaves: Leaves, *,
-                   max_sequence: int = MAX_SEQUENCE, relative_to: int = 256) -> np.ndarray:
+                   max_sequence: int = MAX_SEQUENCE, relative_to: int = 256, context: int | None = None,
+                   batch_tokens: int = MAX_SEQUENCE) -> np.ndarray:
     """(H, W, K) float32 class probabilities of an image from given leaves: tokens, the model in
     eval mode without gradients, and the per-token probabilities pasted back (linear inside each
-    leaf). Pixels under no leaf are background. More than ``max_sequence`` leaves run as several
-    sequences of consecutive leaves in Z-order, each with positions relative to its own corner
-    (rounded down to ``relative_to``)."""
+    leaf). Pixels under no leaf are background.
+
+    Sequences: with ``context`` (px), the leaves of each ``context``-px square form one sequence
+    (positions from the square's corner), so the model attends over about the area it was trained
+    on whatever the image size; squares run in padded batches of about ``batch_tokens`` tokens.
+    Without it, the whole image is one sequence, or, past ``max_sequence`` leaves, consecutive
+    Z-order chunks with positions from their own corner (rounded down to ``relative_to``).
+    """
     cfg = model.cfg
     p, k = cfg.token_size, cfg.num_classes
     h, w = image_rgb.shape[:2]
@@ -825,20 +862,30 @@ def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray
         norm = Normalisation(**{key: tuple(v) for key, v in card.normalisation.items()})
         was_training = model.training
         model.eval()
+        seqs = _sequences(leaves, max_sequence, context, relative_to)
+        seqs.sort(key=lambda s: len(s[0]))  # similar lengths together: little padding
+        batches: list[list[tuple[np.ndarray, float, float]]] = [[]]
+        for seq in seqs:
+            if batches[-1] and (len(batches[-1]) + 1) * len(seq[0]) > batch_tokens:
+                batches.append([])
+            batches[-1].append(seq)
         try:
             with _no_fastpath():
-                n_chunks = -(-len(leaves) // max_sequence)
-                for idx in np.array_split(np.arange(len(leaves)), n_chunks):
-                    sub = leaves.take(idx)
-                    geom = token_geometry(sub)
-                    if n_chunks > 1:  # each chunk sees positions relative to its own corner
-                        geom[:, 0] -= float(sub.x.min() // relative_to * relative_to)
-                        geom[:, 1] -= float(sub.y.min() // relative_to * relative_to)
-                    toks = torch.from_numpy(tokenise(image_rgb, sub, p)).to(device)[None]
-                    g = torch.from_numpy(geom).to(device)[None]
-                    mask = torch.ones(1, len(sub), dtype=torch.bool, device=device)
-                    logits = model(norm.apply(toks), g, mask)[0]  # (n, K, p, p)
-                    probs[idx] = logits.float().softmax(dim=1).permute(0, 2, 3, 1).cpu().numpy()
+                for batch in batches:
+                    toks, geoms = [], []
+                    for idx, ox, oy in batch:
+                        sub = leaves.take(idx)
+                        geom = token_geometry(sub)
+                        geom[:, 0] -= ox
+                        geom[:, 1] -= oy
+                        toks.append(tokenise(image_rgb, sub, p))
+                        geoms.append(geom)
+                    t, g, m = pad_tokens(toks, geoms)
+                    logits = model(norm.apply(torch.from_numpy(t).to(device)), torch.from_numpy(g).to(device),
+                                   torch.from_numpy(m).to(device))  # (B, L, K, p, p)
+                    out = logits.float().softmax(dim=2).permute(0, 1, 3, 4, 2).cpu().numpy()
+                    for row, (idx, _, _) in enumerate(batch):
+                        probs[idx] = out[row, : len(idx)]
         finally:
             model.train(was_training)
     out = detokenise(probs, leaves, (h, w), fill=0) if len(leaves) else np.zeros((h, w, k), np.float32)

@@ -69,6 +69,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     params, trained_mode = patching_from_card(card)
     patching = sp.get("patching") or trained_mode
     window, overlap = int(sp["window"]), int(sp["overlap"])
+    # Attention context: squares of the training crop's size by default, the area the model
+    # learnt to attend over (one sequence per window drifts from it as windows grow).
+    context = sp.get("context")
+    if context is None:
+        context = int((card.training or {}).get("crop") or 256)
+    context = context or None  # 0: the whole window is one sequence
     k = model.cfg.num_classes
     timing = {"read": 0.0, "tissue": 0.0, "quadtree": 0.0, "model": 0.0, "blend": 0.0, "polygons": 0.0, "write": 0.0}
     tokens = {"adaptive": 0, "uniform": 0, "used": 0}
@@ -127,7 +133,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 if patching == "adaptive":
                     tokens["uniform"] += uniform_token_count(tissue.shape, params.min_size, tissue)
                 t = time.perf_counter()
-                probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size)
+                probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size, context=context)
                 timing["model"] += time.perf_counter() - t
                 return probs
 
