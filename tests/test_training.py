@@ -409,3 +409,28 @@ def test_geojson_with_invalid_geometry_is_repaired_or_skipped_with_a_warning(tmp
     assert res.exit_code == 0, res.stderr
     assert "skipped 1 features (1 unreadable geometry)" in res.stderr and "warning:" in res.stderr
     assert (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_context_squares_partition_the_leaves_and_run_as_separate_sequences():
+    from wsi_amr.training import context_blocks, predict_leaves
+    from wsi_amr.quadtree import uniform_leaves
+
+    torch.manual_seed(0)
+    model = TokenSegmenter(SegmenterConfig(token_size=8, width=32, depth=1, heads=4)).eval()
+    card = ModelCard()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (96, 160, 3), dtype=np.uint8)
+    leaves = uniform_leaves(image.shape[:2], 16)
+    blocks = context_blocks(leaves, 64)
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(len(leaves)))
+    for idx in blocks:  # one square each
+        assert len({(int(x) // 64, int(y) // 64) for x, y in zip(leaves.x[idx], leaves.y[idx])}) == 1
+    batched = predict_leaves(model, card, image, leaves, context=64, batch_tokens=64)
+    # The same as running every square alone, its positions from its own corner.
+    for idx in blocks:
+        sub = leaves.take(idx)
+        ox, oy = int(sub.x.min()) // 64 * 64, int(sub.y.min()) // 64 * 64
+        crop = image[oy:oy + 64, ox:ox + 64]
+        shifted = type(sub)(sub.x - ox, sub.y - oy, sub.size, sub.depth, sub.detail)
+        alone = predict_leaves(model, card, crop, shifted)
+        np.testing.assert_allclose(batched[oy:oy + crop.shape[0], ox:ox + crop.shape[1]], alone, atol=1e-5)
