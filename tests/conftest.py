@@ -19,6 +19,14 @@ NO_DATA = f"real test data not found at {DATA} (set WSI_AMR_DATA or put ../share
 PINK = (200, 110, 170)
 
 
+def real_slides() -> list[Path]:
+    """Every slide file under the shared slides folder except the deliberately bad ones."""
+    if not SLIDES.is_dir():
+        return []
+    return [p for p in sorted(SLIDES.rglob("*")) if p.is_file() and "negative" not in p.parts
+            and "licenses" not in p.parts and p.suffix != ".md"]
+
+
 @pytest.fixture
 def slides_dir() -> Path:
     if not SLIDES.is_dir():

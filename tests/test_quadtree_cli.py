@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import SLIDES, invoke, textured, write_pyramid_tiff
+from conftest import invoke, real_slides, textured, write_pyramid_tiff
 from wsi_amr.jobs.quadtree import Window, sample_mask
 from wsi_amr.jobs.tissue import detect_slide_tissue
 from wsi_amr.quadtree import QuadtreeParams, build_quadtree, edge_map, uniform_token_count
@@ -307,14 +307,7 @@ def test_slide_without_tissue_warns_and_writes_an_empty_quadtree(runner, tmp_pat
 
 
 # -- real slides ----------------------------------------------------------------------------------
-def _real_slides() -> list[Path]:
-    if not SLIDES.is_dir():
-        return []
-    return [p for p in sorted(SLIDES.rglob("*")) if p.is_file() and "negative" not in p.parts
-            and "licenses" not in p.parts and p.suffix != ".md"]
-
-
-@pytest.mark.parametrize("path", _real_slides() or [None], ids=lambda p: p.name if p else "no-data")
+@pytest.mark.parametrize("path", real_slides() or [None], ids=lambda p: p.name if p else "no-data")
 def test_every_readable_real_slide_gives_done_or_empty_and_a_png(runner, slides_dir, tmp_path, path):
     with open_slide(path) as slide:
         mpp = slide.mpp

@@ -12,7 +12,7 @@ import shapely
 import torch
 from shapely.geometry import shape
 
-from conftest import invoke
+from conftest import invoke, real_slides
 from wsi_amr.checkpoint import save_checkpoint
 from wsi_amr.geojson import validate_geojson
 from wsi_amr.segmentation import ModelCard, SegmenterConfig, TokenSegmenter
@@ -131,16 +131,7 @@ def test_bundled_model_is_listed_and_used_without_model(runner, rect_slide, tmp_
     assert validate_geojson(tmp_path / "out" / "rect" / "rect.geojson") == []
 
 
-def _real_slides() -> list[Path]:
-    from conftest import SLIDES
-
-    if not SLIDES.is_dir():
-        return []
-    return [p for p in sorted(SLIDES.rglob("*")) if p.is_file() and "negative" not in p.parts
-            and "licenses" not in p.parts and p.suffix != ".md"]
-
-
-@pytest.mark.parametrize("path", _real_slides() or [None], ids=lambda p: p.name if p else "no-data")
+@pytest.mark.parametrize("path", real_slides() or [None], ids=lambda p: p.name if p else "no-data")
 def test_every_readable_real_slide_is_segmented_with_the_bundled_model(runner, slides_dir, tmp_path, path):
     from wsi_amr.slide import open_slide
 
