@@ -869,16 +869,17 @@ def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray
             if batches[-1] and (len(batches[-1]) + 1) * len(seq[0]) > batch_tokens:
                 batches.append([])
             batches[-1].append(seq)
+        all_tokens = tokenise(image_rgb, leaves, p)  # once, vectorised; sequences index into it
+        all_geometry = token_geometry(leaves)
         try:
             with _no_fastpath():
                 for batch in batches:
                     toks, geoms = [], []
                     for idx, ox, oy in batch:
-                        sub = leaves.take(idx)
-                        geom = token_geometry(sub)
+                        geom = all_geometry[idx]
                         geom[:, 0] -= ox
                         geom[:, 1] -= oy
-                        toks.append(tokenise(image_rgb, sub, p))
+                        toks.append(all_tokens[idx])
                         geoms.append(geom)
                     t, g, m = pad_tokens(toks, geoms)
                     logits = model(norm.apply(torch.from_numpy(t).to(device)), torch.from_numpy(g).to(device),
