@@ -11,6 +11,7 @@ position and scale. Batches of different lengths are padded with an attention ma
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from .quadtree import Leaves, QuadtreeError, is_power_of_two
@@ -44,9 +45,19 @@ def tokenise(image: np.ndarray, leaves: Leaves, token_size: int = 8, fill: float
     img = _padded(img, leaves, fill)
     p, c = token_size, img.shape[2]
     out = np.empty((len(leaves), p, p, c), np.float32)
+    as_float: np.ndarray | None = None
     for s in np.unique(leaves.size).tolist():
         idx = np.flatnonzero(leaves.size == s)
         rows, cols = img.shape[0] // s * s, img.shape[1] // s * s
+        if s > p and c <= 4:
+            # Box averages of the whole image at once (an exact area filter: s / p is an integer),
+            # then the leaves' p x p blocks of it: no per-leaf float copies of their pixels.
+            if as_float is None:
+                as_float = img.astype(np.float32)
+            small = cv2.resize(as_float[:rows, :cols], (cols // s * p, rows // s * p), interpolation=cv2.INTER_AREA)
+            small = small.reshape(rows // s, p, cols // s, p, c)
+            out[idx] = small[leaves.y[idx] // s, :, leaves.x[idx] // s, :, :]
+            continue
         view = img[:rows, :cols].reshape(rows // s, s, cols // s, s, c)
         patches = view[leaves.y[idx] // s, :, leaves.x[idx] // s, :, :].astype(np.float32)  # (n, s, s, c)
         out[idx] = _resize_square(patches, p)
