@@ -134,9 +134,9 @@ def _cell_integral(a: np.ndarray | None, shape: tuple[int, int], cell: int, rows
     """
     h, w = shape
     r, c = rows // cell, cols // cell
+    ys = np.minimum(np.arange(0, rows + 1, cell), h)  # cell corners, clipped to the mask
+    xs = np.minimum(np.arange(0, cols + 1, cell), w)
     if a is None:
-        ys = np.minimum(np.arange(0, rows + 1, cell), h)
-        xs = np.minimum(np.arange(0, cols + 1, cell), w)
         return np.outer(ys, xs).astype(np.int64)
     if cell <= AREA_RESIZE_MAX_CELL:
         if (h, w) != (rows, cols):
@@ -146,8 +146,6 @@ def _cell_integral(a: np.ndarray | None, shape: tuple[int, int], cell: int, rows
         out = np.zeros((r + 1, c + 1), np.int64)
         np.cumsum(np.cumsum(counts, axis=0), axis=1, out=out[1:, 1:])
         return out
-    ys = np.minimum(np.arange(0, rows + 1, cell), h)
-    xs = np.minimum(np.arange(0, cols + 1, cell), w)
     depth = cv2.CV_32S if a.size < 2**31 else cv2.CV_64F
     full = cv2.integral(a, sdepth=depth)
     return (full[np.ix_(ys, xs)] // 255).astype(np.int64)

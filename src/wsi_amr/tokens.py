@@ -177,11 +177,9 @@ def labels_round_trip(labels: np.ndarray, leaves: Leaves, token_size: int, num_c
     k = max(k, 2)
     onehot = (labels[..., None] == np.arange(k)).astype(np.float32)
     fractions = tokenise(onehot, leaves, token_size, fill=0)
+    # Pixels under no leaf keep fractions of zero everywhere, so argmax gives them background (0).
     back = detokenise(fractions, leaves, labels.shape, fill=0, interpolation=interpolation)
-    out = back.argmax(axis=2).astype(labels.dtype)
-    covered = detokenise(np.ones((len(leaves), 1, 1), np.uint8), leaves, labels.shape, fill=0)
-    out[covered == 0] = 0
-    return out
+    return back.argmax(axis=2).astype(labels.dtype)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from ..batch import EmptySlide, JobContext
+from ..inference import Block
 from ..outputs import TMP_PREFIX, atomic_path, write_png_atomic
 from ..quadtree import Leaves, QuadtreeParams, build_quadtree, edge_map, morton_order, uniform_token_count
 from ..slide import Resolution, Slide, SlideError, open_slide
@@ -55,15 +56,9 @@ class MaskError(SlideError):
 # -------------------------------------------------------------------------------------------------
 # Windows
 # -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Window:
-    """A window of the working image: top-left (x, y) and size (w, h), working px."""
-
-    x: int
-    y: int
-    w: int
-    h: int
-
+#: A window of the working image: top-left (x, y) and size (w, h), working px (the rectangle
+#: type that whole-slide inference uses too).
+Window = Block
 
 def window_grid(width: int, height: int, window: int) -> list[Window]:
     """Windows of ``window`` px covering a ``width`` x ``height`` working image, row by row from

@@ -96,9 +96,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         n_windows = len(order)
 
         def tissue_of(b: Block) -> np.ndarray:
-            from .quadtree import Window
-
-            return sample_mask(tm.mask, tm.downsample, ds, Window(b.x, b.y, b.w, b.h))
+            return sample_mask(tm.mask, tm.downsample, ds, b)
 
         def read(b: Block) -> tuple[np.ndarray | None, np.ndarray, float]:
             tissue = tissue_of(b)
@@ -138,10 +136,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 return probs
 
             t_blend = time.perf_counter()
-            for block, probs, covered in blend_stream(width, height, window, overlap, k, predict):
+            for block, probs, _ in blend_stream(width, height, window, overlap, k, predict):
                 t = time.perf_counter()
+                # Uncovered pixels are background in probs already (blend_stream sets them so).
                 labels = probs.argmax(axis=2).astype(np.uint8 if k < 256 else np.int32)
-                labels[~covered] = 0
                 seam.add(block, labels, probs)
                 timing["polygons"] += time.perf_counter() - t
             timing["blend"] = (time.perf_counter() - t_blend - timing["polygons"] - timing["model"]
