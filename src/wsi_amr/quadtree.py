@@ -160,7 +160,7 @@ def _binary(a: np.ndarray) -> np.ndarray:
     return cv2.threshold(a, 0, 255, cv2.THRESH_BINARY)[1]
 
 
-def _box_sums(integral: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray, cell: int) -> np.ndarray:
+def box_sums(integral: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray, cell: int) -> np.ndarray:
     """Sums over squares (x, y, s) in px, all multiples of ``cell``, from a cell-corner integral."""
     x0, y0, x1, y1 = x // cell, y // cell, (x + s) // cell, (y + s) // cell
     return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
@@ -212,7 +212,7 @@ def build_quadtree(
     return leaves.take(morton_order(leaves.x, leaves.y, params.min_size))
 
 
-def _score(count: np.ndarray, size: np.ndarray, normalise: bool) -> np.ndarray:
+def detail_score(count: np.ndarray, size: np.ndarray, normalise: bool) -> np.ndarray:
     return count / (size * size).astype(np.float64) if normalise else count.astype(np.float64)
 
 
@@ -221,9 +221,9 @@ def _threshold_tree(e_int: np.ndarray, t_int: np.ndarray, x: np.ndarray, y: np.n
     size, depth = p.max_size, 0
     while len(x):
         s = np.full(len(x), size, np.int64)
-        keep = _box_sums(t_int, x, y, s, p.min_size) > 0
+        keep = box_sums(t_int, x, y, s, p.min_size) > 0
         x, y, s = x[keep], y[keep], s[keep]
-        score = _score(_box_sums(e_int, x, y, s, p.min_size), s, p.normalise)
+        score = detail_score(box_sums(e_int, x, y, s, p.min_size), s, p.normalise)
         split = (score > p.split_threshold) if size > p.min_size else np.zeros(len(x), bool)
         leaf = ~split
         out.append((x[leaf], y[leaf], s[leaf], np.full(int(leaf.sum()), depth, np.int16), score[leaf]))
@@ -248,9 +248,9 @@ def _budget_tree(e_int: np.ndarray, t_int: np.ndarray, x: np.ndarray, y: np.ndar
     """
     assert p.max_tokens is not None
     s = np.full(len(x), p.max_size, np.int64)
-    keep = _box_sums(t_int, x, y, s, p.min_size) > 0
+    keep = box_sums(t_int, x, y, s, p.min_size) > 0
     x, y, s = x[keep], y[keep], s[keep]
-    score = _score(_box_sums(e_int, x, y, s, p.min_size), s, p.normalise)
+    score = detail_score(box_sums(e_int, x, y, s, p.min_size), s, p.normalise)
     # Leaves live in dicts keyed by an id; the heap holds splittable ones by -score.
     leaves: dict[int, tuple[int, int, int, int, float]] = {}
     heap: list[tuple[float, int]] = []
@@ -268,13 +268,13 @@ def _budget_tree(e_int: np.ndarray, t_int: np.ndarray, x: np.ndarray, y: np.ndar
         cx = np.array([xi, xi + h, xi, xi + h], np.int64)
         cy = np.array([yi, yi, yi + h, yi + h], np.int64)
         cs = np.full(4, h, np.int64)
-        has = _box_sums(t_int, cx, cy, cs, p.min_size) > 0
+        has = box_sums(t_int, cx, cy, cs, p.min_size) > 0
         n_children = int(has.sum())
         if len(leaves) - 1 + n_children > budget:
             break
         heapq.heappop(heap)
         del leaves[lid]
-        csc = _score(_box_sums(e_int, cx, cy, cs, p.min_size), cs, p.normalise)
+        csc = detail_score(box_sums(e_int, cx, cy, cs, p.min_size), cs, p.normalise)
         for k in np.flatnonzero(has).tolist():
             leaves[next_id] = (int(cx[k]), int(cy[k]), h, di + 1, float(csc[k]))
             if h > p.min_size:

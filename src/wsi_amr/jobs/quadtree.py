@@ -33,7 +33,8 @@ import numpy as np
 from ..batch import EmptySlide, JobContext
 from ..inference import Block
 from ..outputs import TMP_PREFIX, atomic_path, write_png_atomic
-from ..quadtree import Leaves, QuadtreeParams, build_quadtree, edge_map, morton_order, uniform_token_count
+from ..quadtree import (Leaves, QuadtreeParams, box_sums, detail_score, build_quadtree, edge_map, morton_order,
+                        uniform_token_count)
 from ..slide import Resolution, Slide, SlideError, open_slide
 from ..tokens import labels_round_trip
 from .tissue import ASSUMED_MPP, load_or_detect, tissue_params
@@ -115,7 +116,7 @@ class Cells:
         return Cells(e.reshape(r, m, c, m).sum(axis=(1, 3), dtype=np.int32), t.reshape(r, m, c, m).any(axis=(1, 3)))
 
 
-def _cell_integral(a: np.ndarray) -> np.ndarray:
+def _integral_of_cells(a: np.ndarray) -> np.ndarray:
     out = np.zeros((a.shape[0] + 1, a.shape[1] + 1), np.int64)
     np.cumsum(np.cumsum(a, axis=0, dtype=np.int64), axis=1, out=out[1:, 1:])
     return out
@@ -143,14 +144,13 @@ def greedy_splits(cells: Cells, params: QuadtreeParams, cap: int, max_splits: in
     ties), for at most ``max_splits`` splits, and only while the scores of the leaves split so far
     stay at or above ``stop_below``. Coordinates in working px relative to the window."""
     m, top = params.min_size, params.max_size
-    e_int, t_int = _cell_integral(cells.edges), _cell_integral(cells.tissue)
+    e_int, t_int = _integral_of_cells(cells.edges), _integral_of_cells(cells.tissue)
 
     def sums(integral: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray) -> np.ndarray:
-        cx, cy, cs = x // m, y // m, s // m
-        return integral[cy + cs, cx + cs] - integral[cy, cx + cs] - integral[cy + cs, cx] + integral[cy, cx]
+        return box_sums(integral, x, y, s, m)
 
     def score(count: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return count / (s * s).astype(np.float64) if params.normalise else count.astype(np.float64)
+        return detail_score(count, s, params.normalise)
 
     rows, cols = cells.edges.shape[0] * m, cells.edges.shape[1] * m
     gy, gx = np.mgrid[0:rows:top, 0:cols:top]
