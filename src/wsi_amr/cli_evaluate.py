@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from .evaluation import GEOJSON_SUFFIXES, EvaluationError, Scores, evaluate_pair, scores_from_confusion
+from .evaluation import GEOJSON_SUFFIXES, EvaluationError, Scores, classes_of, evaluate_pair, scores_from_confusion
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 SUFFIXES = LABEL_SUFFIXES + GEOJSON_SUFFIXES
@@ -118,14 +118,7 @@ def evaluate(
     try:
         pairs, unmatched = match_pairs(pred, ref)
         if names is None:  # one class list for every pair, so the pooled counts add up
-            from .evaluation import geojson_classes, is_geojson
-
-            names = []
-            for _, p, r in pairs:
-                for f in (r, p):
-                    if is_geojson(f):
-                        names += [c for c in geojson_classes(f) if c not in names]
-            names = names or None
+            names = classes_of([f for _, p, r in pairs for f in (r, p)]) or None
         rows: list[tuple[str, Scores]] = []
         total: np.ndarray | None = None
         for name, p, r in pairs:

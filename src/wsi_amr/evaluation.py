@@ -66,6 +66,15 @@ def geojson_classes(path: Path) -> list[str]:
     return names
 
 
+def classes_of(paths: list[Path]) -> list[str]:
+    """Class names of the GeoJSON files among ``paths``, in order of first appearance."""
+    names: list[str] = []
+    for p in paths:
+        if is_geojson(p):
+            names += [c for c in geojson_classes(p) if c not in names]
+    return names
+
+
 def rasterise_geojson(path: Path, shape: tuple[int, int], downsample: float, classes: list[str]) -> np.ndarray:
     """Label image (H, W) int32 of a GeoJSON: class ``classes[i]`` -> label i + 1.
 
@@ -182,10 +191,7 @@ def evaluate_pair(
             size = (int(np.ceil(max(e[0] for e in extents))), int(np.ceil(max(e[1] for e in extents))))
         shape = (max(1, int(round(size[1] / downsample))), max(1, int(round(size[0] / downsample))))
     if classes is None:
-        classes = []
-        for p in (ref_path, pred_path):
-            if is_geojson(p):
-                classes += [c for c in geojson_classes(p) if c not in classes]
+        classes = classes_of([ref_path, pred_path])
     ref = load_labels(ref_path, shape=shape, downsample=downsample, classes=classes)
     pred = load_labels(pred_path, shape=shape, downsample=downsample, classes=classes)
     k = max(int(ref.max()), int(pred.max()), len(classes)) + 1
