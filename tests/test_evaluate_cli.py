@@ -59,6 +59,8 @@ def test_bad_input_is_one_line(tmp_path, runner):
     assert res.exit_code == 1 and "no such file" in res.stderr
     res = invoke(runner, "evaluate", tmp_path, ref)
     assert res.exit_code == 1 and "two files or two folders" in res.stderr
+    res = invoke(runner, "evaluate", ref, ref, "--classes", "Gland,Gland")
+    assert res.exit_code == 2 and "--classes" in res.stderr
     res = invoke(runner, "evaluate", ref, ref, "--size", "big")
     assert res.exit_code == 2 and "WIDTHxHEIGHT" in res.stderr
     (tmp_path / "empty").mkdir()

@@ -99,6 +99,9 @@ def test_rerun_skips_and_corrupt_slide_fails_alone(runner, rect_slide, tmp_path)
     (["--overlap", "100", "--window", "128"], "--overlap"),
     (["--object-type", "cell"], "--object-type"),
     (["--patching", "grid"], "--patching"),
+    (["--context", "-1"], "--context"),
+    (["--window", "32"], "--window"),
+    (["--simplify", "-1"], "--simplify"),
 ])
 def test_bad_options_exit_2(runner, rect_slide, tmp_path, args, needle):
     slide, _ = rect_slide
