@@ -167,13 +167,14 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def layout_params(width: int, height: int, mpp: float) -> dict[str, int]:
+def layout_params(width: int, height: int, mpp: float, image_gap: int = 0) -> dict[str, int]:
     """Margins and gaps in level-0 pixels for a slide of this size."""
     short = min(width, height)
     return {
         "margin": max(32, round(0.02 * short)),
         "cluster_gap": max(round(60 / mpp), round(0.008 * short)),
         "max_inner_gap": 3,  # white seam between neighbouring images of a cluster, px
+        "image_gap": image_gap,  # glass added between neighbouring images of a cluster, px
         "cell": max(16, math.ceil(max(width, height) / 1024)),  # occupancy grid cell, px
     }
 
@@ -185,6 +186,7 @@ def _build_cluster(
     next_src: Iterator[int],
     max_width: int,
     max_inner_gap: int,
+    image_gap: int = 0,
 ) -> list[tuple[int, int, int, int, int, int, bool]]:
     """Pack ``n`` images into a blob: rows of images edge to edge, row lengths following an ellipse.
 
@@ -215,7 +217,7 @@ def _build_cluster(
             w, h = sizes0[src]
             if rot % 2:
                 w, h = h, w
-            gap = int(rng.integers(0, max_inner_gap + 1)) if row else 0
+            gap = image_gap + int(rng.integers(0, max_inner_gap + 1)) if row else 0
             if row and row_w + gap + w > max_width:
                 break  # the row would not fit the slide: end it here
             row.append((row_w + gap, w, h, src, rot, flip))
@@ -227,7 +229,7 @@ def _build_cluster(
         for dx, w, h, src, rot, flip in row:
             dy = int(rng.integers(0, row_h - h + 1))
             out.append((x0 + dx, y + dy, w, h, src, rot, flip))
-        y += row_h + int(rng.integers(0, max_inner_gap + 1))
+        y += row_h + image_gap + int(rng.integers(0, max_inner_gap + 1))
     if not out:
         return out
     minx = min(p[0] for p in out)
@@ -244,11 +246,13 @@ def plan_layout(
     glas_mpp: float = 0.62,
     seed: int = 0,
     fill: float = 0.35,
+    image_gap: int = 0,
 ) -> list[Placement]:
     """Place GlaS images (given as source (w, h) sizes) in clusters covering about ``fill``.
 
     Deterministic in its arguments. Images never overlap each other; clusters keep a white gap
-    between them and a margin from the slide edges.
+    between them and a margin from the slide edges. Inside a cluster images abut (seams of 0-3
+    px) unless ``image_gap`` (level-0 px) puts glass between them: separate tissue fragments.
     """
     if not source_sizes:
         raise ValueError("no source images")
@@ -257,7 +261,7 @@ def plan_layout(
     rng = np.random.default_rng(seed)
     scale = glas_mpp / mpp
     sizes0 = [scaled_size(s, scale) for s in source_sizes]
-    p = layout_params(width, height, mpp)
+    p = layout_params(width, height, mpp, image_gap)
     margin, gap, cell = p["margin"], p["cluster_gap"], p["cell"]
     inner_w, inner_h = width - 2 * margin, height - 2 * margin
     min_side = min(min(s) for s in sizes0)
@@ -290,7 +294,7 @@ def plan_layout(
         n = min(n, max(1, math.ceil((target - area) / mean_area)))
         placed = False
         while not placed:
-            rects = _build_cluster(rng, n, sizes0, next_src, inner_w, p["max_inner_gap"])
+            rects = _build_cluster(rng, n, sizes0, next_src, inner_w, p["max_inner_gap"], image_gap)
             bw = max(r[0] + r[2] for r in rects)
             bh = max(r[1] + r[3] for r in rects)
             if bw <= inner_w and bh <= inner_h:
@@ -580,6 +584,7 @@ def make_slide(
     tile: int = 512,
     quality: int = 85,
     fill: float = 0.35,
+    image_gap: int = 0,
     workers: int | None = None,
     geojson: bool = True,
     ycbcr: bool = True,
@@ -622,7 +627,8 @@ def make_slide(
     sources = load_sources(glas_dir, images)
     t0 = time.perf_counter()
     placements = plan_layout(
-        width, height, sources.sizes, mpp=mpp, glas_mpp=glas_mpp, seed=seed, fill=fill
+        width, height, sources.sizes, mpp=mpp, glas_mpp=glas_mpp, seed=seed, fill=fill,
+        image_gap=image_gap,
     )
     t_layout = time.perf_counter() - t0
     shapes = level_shapes(width, height)
@@ -673,7 +679,7 @@ def make_slide(
     params = {
         "width": width, "height": height, "name": name, "mpp": mpp, "glas_dir": str(glas_dir),
         "glas_mpp": glas_mpp, "images": images, "seed": seed, "tile": tile, "quality": quality,
-        "fill": fill, "ycbcr": ycbcr,
+        "fill": fill, "ycbcr": ycbcr, "image_gap": image_gap,
     }  # fmt: skip
     seconds["total"] = time.perf_counter() - t_start
     result: dict[str, Any] = {
@@ -694,7 +700,7 @@ def make_slide(
     }
     doc = {
         **result,
-        "layout": layout_params(width, height, mpp),
+        "layout": layout_params(width, height, mpp, image_gap),
         "sources": sources.names,
         "placement_fields": list(Placement.__dataclass_fields__),
         "placement_list": [list(asdict(p).values()) for p in placements],
@@ -839,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--quality", type=int, default=85, help="JPEG quality")
     ap.add_argument("--fill", type=float, default=0.35, help="tissue fraction of the slide area")
+    ap.add_argument("--image-gap", type=int, default=0,
+                    help="glass between neighbouring images of a cluster, px (default 0: images abut)")
     ap.add_argument("--workers", type=int, default=None, help="threads (default: CPU count)")
     ap.add_argument("--rgb-jpeg", action="store_true", help="store RGB JPEG, not YCbCr 4:2:0")
     ap.add_argument("--no-geojson", action="store_true")
@@ -848,7 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = make_slide(
             a.out, a.size, a.height, name=a.name, mpp=a.mpp, glas_dir=a.glas_dir,
             glas_mpp=a.glas_mpp, images=a.images, seed=a.seed, tile=a.tile, quality=a.quality,
-            fill=a.fill, workers=a.workers, geojson=not a.no_geojson, ycbcr=not a.rgb_jpeg,
+            fill=a.fill, image_gap=a.image_gap, workers=a.workers, geojson=not a.no_geojson, ycbcr=not a.rgb_jpeg,
             verbose=True,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, OSError) as e:

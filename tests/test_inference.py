@@ -55,11 +55,45 @@ def test_consistent_windows_blend_back_to_the_field_and_blocks_tile_the_image(si
     truth = field(height, width)
 
     def predict(b: Block) -> np.ndarray:
-        return truth[b.y:b.y + b.h, b.x:b.x + b.w]
+        return truth[b.y:b.y + b.h, b.x:b.x + b.w].copy()  # blend_stream weights it in place
 
     out, covered, _ = run(width, height, window, overlap, predict)
     assert not np.isnan(out).any() and (covered == 1).all()
     np.testing.assert_allclose(out, truth, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,window,overlap", [((300, 200), 64, 16), ((150, 97), 40, 20), ((90, 70), 128, 16)])
+def test_blend_equals_the_weighted_mean_of_all_windows(size, window, overlap):
+    # Independent random windows (some without tissue): each pixel is the ramp-weighted mean of
+    # the windows over it, computed here on a whole canvas.
+    width, height = size
+    rng = np.random.default_rng(1)
+    xs, ys = window_starts(width, window, overlap), window_starts(height, window, overlap)
+    preds = {}
+    num = np.zeros((height, width, 3))
+    den = np.zeros((height, width))
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            w, h = min(window, width - x), min(window, height - y)
+            if rng.random() < 0.3:
+                preds[(x, y)] = None
+                continue
+            p = rng.dirichlet(np.ones(3), size=(h, w)).astype(np.float32)
+            preds[(x, y)] = p
+            wt = np.outer(ramp(h, overlap, i > 0, i < len(ys) - 1), ramp(w, overlap, j > 0, j < len(xs) - 1))
+            num[y:y + h, x:x + w] += p * wt[..., None]
+            den[y:y + h, x:x + w] += wt
+
+    def predict(b: Block) -> np.ndarray | None:
+        p = preds[(b.x, b.y)]
+        return None if p is None else p.copy()
+
+    out, covered, _ = run(width, height, window, overlap, predict)
+    ref = np.zeros_like(num)
+    np.divide(num, den[..., None], out=ref, where=den[..., None] > 0)
+    ref[den == 0, 0] = 1
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert ((covered == 1) == (den > 0)).all()
 
 
 def test_overlaps_mix_neighbouring_windows_linearly():

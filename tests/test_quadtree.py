@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -174,6 +176,33 @@ def test_tokenise_box_averages_and_detokenise_pastes_back():
     back = detokenise(tok[..., 0], leaves, (16, 16), fill=-1, interpolation="nearest")
     assert back[0, 0] == img[0:2, 0:2].mean() and back[0, 1] == back[0, 0]
     assert (back[8:] == -1).all()
+
+
+@pytest.mark.parametrize("shape,channels,reach", [((300, 520), 3, 0), ((257, 129), 1, 0), ((64, 64), 4, 128),
+                                                  ((1000, 90), 3, 0), ((300, 200), 3, 128)])
+def test_tokens_of_large_leaves_are_exact_box_averages(shape, channels, reach):
+    # Aligned leaves of every size at random places (leaves need not tile for the tokeniser),
+    # some in the rows below the last whole 128-px strip and, with ``reach``, past the image's
+    # edge: each token equals the mean of its leaf's pixels over each token cell.
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 256, (*shape, channels), dtype=np.uint8)
+    xs, ys, ss = [], [], []
+    for s in (4, 8, 16, 32, 64, 128):
+        for _ in range(12):
+            xs.append(int(rng.integers(0, max(1, (shape[1] + reach - s) // s + 1))) * s)
+            ys.append(int(rng.integers(0, max(1, (shape[0] + reach - s) // s + 1))) * s)
+            ss.append(s)
+    n = len(ss)
+    leaves = Leaves(np.array(xs), np.array(ys), np.array(ss), np.zeros(n, np.int16), np.zeros(n, np.float32))
+    tok = tokenise(img, leaves, token_size=8)
+    padded = np.full((shape[0] + 128, shape[1] + 128, channels), 255, np.float64)
+    padded[: shape[0], : shape[1]] = img
+    for i in range(len(leaves)):
+        x, y, s = int(leaves.x[i]), int(leaves.y[i]), int(leaves.size[i])
+        patch = padded[y:y + s, x:x + s]
+        ref = patch.reshape(8, s // 8, 8, s // 8, channels).mean(axis=(1, 3)) if s >= 8 else \
+            np.repeat(np.repeat(patch, 8 // s, axis=0), 8 // s, axis=1)
+        np.testing.assert_allclose(tok[i], ref, atol=1e-3)
 
 
 def test_linear_detokenise_interpolates_within_each_leaf_only():

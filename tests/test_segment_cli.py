@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
+import tifffile
 import torch
 from shapely.geometry import shape
 
 from conftest import invoke, real_slides
 from wsi_amr.checkpoint import save_checkpoint
+from wsi_amr.evaluation import rasterise_geojson
 from wsi_amr.geojson import validate_geojson
+from wsi_amr.labeltiff import read_label_tiff
 from wsi_amr.segmentation import ModelCard, SegmenterConfig, TokenSegmenter
 
 SMALL = SegmenterConfig(token_size=8, width=32, depth=1, heads=4)
@@ -64,6 +67,32 @@ def test_one_tissue_region_across_many_windows_is_one_object(runner, rect_slide,
     assert poly.buffer(1e-6).contains(rect) and poly.area <= rect.buffer(256, join_style=2).area
     assert props["measurements"]["Area µm^2"] == pytest.approx(poly.area * 0.25, rel=1e-3)
     assert (out / "overlay.png").stat().st_size > 0
+
+
+def test_mask_tiff_holds_the_labels_the_polygons_outline(runner, rect_slide, tmp_path):
+    slide, _ = rect_slide
+    model = constant_model(tmp_path / "m")  # 2 µm/px: the working image is 768 x 512
+    res = invoke(runner, "segment", slide, "-o", tmp_path / "out", "--model", model, "--window", 256,
+                 "--overlap", 32, "--simplify", 0, "--min-object", 0, "--mask-tiff", "--json")
+    assert res.exit_code == 0, res.stderr
+    row = json.loads(res.stdout.splitlines()[0])
+    out = tmp_path / "out" / "rect"
+    assert row["outputs"]["mask"] == "mask.tiff"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    labels, info = read_label_tiff(out / "mask.tiff")
+    assert labels.shape == (512, 768) and info["mpp"] == pytest.approx(2.0) and info["classes"] == ["Background", "Gland"]
+    assert set(np.unique(labels).tolist()) == {0, 1}
+    # The GeoJSON, drawn back at the working resolution, is the mask pixel for pixel.
+    drawn = rasterise_geojson(out / "rect.geojson", labels.shape, 4.0, ["Gland"])
+    np.testing.assert_array_equal(drawn, labels)
+    with tifffile.TiffFile(out / "mask.tiff") as tif:
+        assert [p.shape for p in tif.pages] == [(512, 768), (256, 384), (128, 192)]
+        assert tif.pages[0].tags["ResolutionUnit"].value == 3  # centimetre
+        assert tif.pages[0].tags["XResolution"].value[0] / tif.pages[0].tags["XResolution"].value[1] == pytest.approx(5000)
+    import openslide
+
+    with openslide.OpenSlide(str(out / "mask.tiff")) as osl:
+        assert osl.level_dimensions[0] == (768, 512) and float(osl.properties["openslide.mpp-x"]) == pytest.approx(2.0)
 
 
 def test_detections_gzip_and_a_model_that_finds_nothing(runner, rect_slide, tmp_path):

@@ -21,7 +21,7 @@ from wsi_amr.geojson import PathClass, make_feature, write_geojson
 from wsi_amr.quadtree import QuadtreeParams
 from wsi_amr.segmentation import ModelCard, SegmenterConfig, TokenSegmenter
 from wsi_amr.training import (
-    IGNORE, TrainConfig, TrainingInterrupted, augment, colour_jitter, dice_counts, dice_scores, label_fractions,
+    IGNORE, TrainConfig, TrainingInterrupted, augment, colour_jitter, composite, dice_counts, dice_scores, label_fractions,
     make_leaves, mask_to_labels, predict_image, segmentation_loss, split_names, train_segmenter,
 )
 
@@ -389,6 +389,36 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
         errors = error_lines(res)
         assert len(errors) == 1 and message in errors[0], (name, res.stderr)
         assert "Traceback" not in res.stderr, name
+
+
+def test_glass_and_mosaic_crops_keep_image_and_labels_together():
+    rng = np.random.default_rng(0)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[..., 0] = 200  # red tissue, all class 1
+    labels = np.ones((64, 64), np.uint8)
+    other = np.zeros((64, 64, 3), np.uint8)
+    other[..., 2] = 200  # blue tissue, class 2
+    other_labels = np.full((64, 64), 2, np.uint8)
+    glass_cfg = TrainConfig(out="x", glass=1.0, mosaic=0.0)
+    img, lab = composite(image, labels, rng, glass_cfg, lambda: (other, other_labels))
+    glass = img[..., 0] != 200
+    assert 0.15 < glass.mean() < 0.75  # a blob of tissue, glass around it
+    assert (lab[glass] == 0).all() and (lab[~glass] == 1).all()
+    assert (img[glass].min(axis=1) > 200).all()  # pale grey
+    mosaic_cfg = TrainConfig(out="x", glass=0.0, mosaic=1.0)
+    img, lab = composite(image, labels, rng, mosaic_cfg, lambda: (other, other_labels))
+    blue = img[..., 2] == 200
+    assert 0.15 < blue.mean() < 0.75 and (lab[blue] == 2).all() and (lab[~blue] == 1).all()
+    off = TrainConfig(out="x", glass=0.0, mosaic=0.0)
+    img, lab = composite(image, labels, rng, off, lambda: (other, other_labels))
+    assert img is image and lab is labels
+
+
+@pytest.mark.parametrize("args,needle", [(["--glass", "1.5"], "--glass"), (["--mosaic", "-0.1"], "--mosaic"),
+                                         (["--glass", "0.7", "--mosaic", "0.5"], "must not exceed 1")])
+def test_bad_glass_and_mosaic_fractions(tmp_path, args, needle):
+    res = run(*TINY, "--steps", 1, "--images", tmp_path / "x.png", *args, "-o", tmp_path / "o")
+    assert res.exit_code == 2 and needle in res.stderr
 
 
 def test_help_has_an_example():

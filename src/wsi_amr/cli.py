@@ -450,6 +450,8 @@ def segment(
     object_type: Annotated[str, typer.Option("--object-type", help="QuPath object type: annotation "
                                              "(editable) or detection (faster with many objects).")] = "annotation",
     gzip: Annotated[bool, typer.Option("--gzip", help="Write <stem>.geojson.gz.")] = False,
+    mask_tiff: Annotated[bool, typer.Option("--mask-tiff", help="Also write mask.tiff: the class of every "
+                                            "pixel at the working mpp, a pyramidal label TIFF.")] = False,
     modality: Modality = "auto",
     tissue_threshold: TissueThreshold = None,
     min_area: MinTissueArea = TissueParams.min_area_um2,
@@ -465,7 +467,9 @@ def segment(
     Windows at the model's mpp, an adaptive quadtree per window, the model, probabilities blended in
     the overlaps, polygons with holes in level-0 px, whole across windows.
 
-    Example: wsi-amr segment slides/ -o out --model runs/glas/best.safetensors --object-type detection
+    Example: wsi-amr segment slide.svs   (the bundled gland model; see --list-models)
+
+    Example: wsi-amr segment slides/ -o out --model runs/glas/best.safetensors --object-type detection --mask-tiff
     """
     if list_models:
         _list_models()
@@ -499,7 +503,7 @@ def segment(
         "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
         "segment": {"model": str(weights.resolve()), "model_sha256": doc.get("weights_sha256"), "patching": patching,
                     "window": window, "overlap": overlap, "context": context, "simplify_um": simplify, "min_area_um2": min_object,
-                    "object_type": object_type, "gzip": gzip},
+                    "object_type": object_type, "gzip": gzip, "mask_tiff": mask_tiff},
     }
     run_slides("segment", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
                slide_mpp=slide_mpp, debug=debug)

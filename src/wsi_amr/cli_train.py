@@ -91,6 +91,10 @@ DiceWeight = Annotated[float, typer.Option("--dice-weight", help="Weight of the 
                                            "cross-entropy (0: cross-entropy only).")]
 Jitter = Annotated[float, typer.Option("--jitter", help="Colour jitter strength: brightness, contrast, "
                                        "saturation +-j, hue +-j x 90 degrees (0: off).")]
+Glass = Annotated[float, typer.Option("--glass", help="Share of crops given a margin of empty slide glass "
+                                     "labelled background, so the model learns tissue edges (0: off).")]
+Mosaic = Annotated[float, typer.Option("--mosaic", help="Share of crops joined along a random seam to a crop "
+                                       "of another image (0: off).")]
 ValFraction = Annotated[float, typer.Option("--val-fraction", help="Share of images (or slides) held out for "
                                             "validation, chosen by --seed.")]
 ValEvery = Annotated[int, typer.Option("--val-every", help="Validate (and save OUT/last) every this many steps.")]
@@ -189,6 +193,8 @@ def segment(
     warmup: Warmup = None,
     dice_weight: DiceWeight = 0.5,
     jitter: Jitter = 0.1,
+    glass: Glass = 0.25,
+    mosaic: Mosaic = 0.1,
     val_fraction: ValFraction = 0.15,
     val_every: ValEvery = 100,
     log_every: LogEvery = 10,
@@ -231,7 +237,8 @@ def segment(
         annotations=list(annotations), pairs=pairs, classes=class_names, colors=color_list,
         unannotated=unannotated, mpp=mpp, slide_mpp=slide_mpp, patching=patching, token_size=token_size,
         quadtree=params, crop=crop, batch_size=batch_size, steps=steps, lr=lr, weight_decay=weight_decay,
-        warmup=warmup, dice_weight=dice_weight, jitter=jitter, val_fraction=val_fraction, val_every=val_every,
+        warmup=warmup, dice_weight=dice_weight, jitter=jitter, glass=glass, mosaic=mosaic,
+        val_fraction=val_fraction, val_every=val_every,
         log_every=log_every, width=width, depth=depth, heads=heads, seed=seed, device=device, threads=threads,
         resume=resume, overwrite=overwrite, command_line=_command_line(),
     )

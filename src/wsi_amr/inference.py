@@ -10,7 +10,7 @@ change them. Only the overlaps still waiting for their next window are held: one
 so memory grows with the slide's width times the overlap, not with its area.
 
 Blocks tile the working image exactly. Their label maps are outlined on pixel edges
-(:func:`wsi_amr.polygons.labels_to_polygons`), so two pieces of one object in neighbouring blocks
+(:func:`wsi_amr.polygons.mask_to_polygons` per class), so two pieces of one object in neighbouring blocks
 share their border exactly; :class:`SeamlessPolygons` keeps pieces that touch a block border
 apart and unions them at the end, so objects that cross windows come out whole.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon, box
 
-from .polygons import labels_to_polygons, polygonal_parts
+from .polygons import mask_to_polygons, polygonal_parts
 
 
 @dataclass(frozen=True)
@@ -73,56 +73,108 @@ def blend_stream(
 ) -> Iterator[tuple[Block, np.ndarray, np.ndarray]]:
     """Segment a ``width`` x ``height`` image window by window and yield final blocks.
 
-    ``predict(window)`` returns (h, w, K) class probabilities for a window, or None where it has
-    nothing to segment (no tissue). Windows run in raster order. Yields ``(block, probabilities,
-    covered)`` in raster order: the blended (h, w, K) float32 probabilities of each block and a
-    (h, w) bool of the pixels any window predicted (elsewhere the probabilities are background).
+    ``predict(window)`` returns (h, w, K) class probabilities for a window (float32 arrays are
+    weighted in place: hand over a fresh one), or None where it has nothing to segment (no
+    tissue). Windows run in raster order. Yields ``(block, probabilities, covered)`` in raster
+    order: the blended (h, w, K) float32 probabilities of each block and a (h, w) bool of the
+    pixels any window predicted (elsewhere the probabilities are background).
+
+    Only the overlap bands are weighted and normalised: elsewhere a window's weight is one, so
+    its probabilities pass through untouched.
     """
     if overlap and window < 2 * overlap:
         raise ValueError(f"--overlap ({overlap}) must be at most half the window ({window})")
-    k = num_classes
+    k, ov = num_classes, overlap
     xs, ys = window_starts(width, window, overlap), window_starts(height, window, overlap)
-    bottom = np.zeros((overlap, width, k + 1), np.float32)  # carry to the next row of windows
+    bottom = np.zeros((ov, width, k), np.float32)  # carried to the next row of windows
+    bottom_w = np.zeros((ov, width), np.float32)
     for i, y in enumerate(ys):
         h = min(window, height - y)
         last_row = i == len(ys) - 1
-        emit_h = h if last_row else h - overlap
-        next_bottom = np.zeros_like(bottom)
-        right: np.ndarray | None = None  # carry to the next window of this row
-        y_ramp = ramp(h, overlap, i > 0, not last_row)
+        emit_h = h if last_row else h - ov
+        next_bottom, next_bottom_w = np.zeros_like(bottom), np.zeros_like(bottom_w)
+        right = right_w = None  # carried to the next window of this row
+        y_ramp = ramp(h, ov, i > 0, not last_row)
+        y_band = np.flatnonzero(y_ramp != 1)
         for j, x in enumerate(xs):
             w = min(window, width - x)
             last_col = j == len(xs) - 1
-            emit_w = w if last_col else w - overlap
-            acc = np.zeros((h, w, k + 1), np.float32)
+            emit_w = w if last_col else w - ov
+            x_ramp = ramp(w, ov, j > 0, not last_col)
             probs = predict(Block(x, y, w, h))
-            if probs is not None:
+            if probs is None:
+                acc = np.zeros((h, w, k), np.float32)
+                wgt = np.zeros((h, w), np.float32)
+            else:
                 if probs.shape != (h, w, k):
                     raise ValueError(f"predict returned {probs.shape} for a {w}x{h} window with {k} classes")
-                weight = y_ramp[:, None] * ramp(w, overlap, j > 0, not last_col)[None, :]
-                np.multiply(probs, weight[..., None], out=acc[..., :k])
-                acc[..., k] = weight
+                acc = probs if probs.dtype == np.float32 and probs.flags.writeable else probs.astype(np.float32)
+                x_band = np.flatnonzero(x_ramp != 1)
+                acc[y_band] *= y_ramp[y_band, None, None]
+                acc[:, x_band] *= x_ramp[None, x_band, None]
+                wgt = np.outer(y_ramp, x_ramp)
             if right is not None:  # the previous window's share of this window's left columns
-                acc[:emit_h, :overlap] += right
+                acc[:emit_h, :ov] += right
+                wgt[:emit_h, :ov] += right_w
             if i > 0:  # the row above's share of the top rows (its left columns came with `right`)
-                c0 = overlap if j > 0 else 0
-                acc[:overlap, c0:w] += bottom[:, x + c0:x + w]
+                c0 = ov if j > 0 else 0
+                acc[:ov, c0:w] += bottom[:, x + c0:x + w]
+                wgt[:ov, c0:w] += bottom_w[:, x + c0:x + w]
             if not last_col:
-                right = acc[:emit_h, emit_w:w].copy()
+                right, right_w = acc[:emit_h, emit_w:w].copy(), wgt[:emit_h, emit_w:w].copy()
             if not last_row:
                 next_bottom[:, x:x + w] += acc[emit_h:h]
-            block = acc[:emit_h, :emit_w]
-            yield Block(x, y, emit_w, emit_h), *_normalised(block, k)
-        bottom = next_bottom
+                next_bottom_w[:, x:x + w] += wgt[emit_h:h]
+            block, block_w = acc[:emit_h, :emit_w], wgt[:emit_h, :emit_w]
+            # Weights differ from one only in the bands shared with earlier windows; past them a
+            # window without a prediction leaves background.
+            top, left = (ov if i > 0 else 0), (ov if j > 0 else 0)
+            _normalise(block[:top], block_w[:top])
+            _normalise(block[top:, :left], block_w[top:, :left])
+            if probs is None:
+                block[top:, left:, 0] = 1.0
+            yield Block(x, y, emit_w, emit_h), block, block_w > 0
+        bottom, bottom_w = next_bottom, next_bottom_w
 
 
-def _normalised(acc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    weight = acc[..., k]
+def class_map(probs: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 (int32 past 255 classes) most probable class of (H, W, K) probabilities, ties
+    to the lower class as ``argmax``; two classes by one comparison (argmax over a short last
+    axis is an order of magnitude slower)."""
+    k = probs.shape[2]
+    if k == 2:
+        return (probs[..., 1] > probs[..., 0]).view(np.uint8)
+    return probs.argmax(axis=2).astype(np.uint8 if k < 256 else np.int32)
+
+
+def _normalise(acc: np.ndarray, weight: np.ndarray) -> None:
+    """Divide weighted sums by their weights in place; pixels of no weight (no window predicted
+    them, so their sums are zero) become background."""
+    if acc.size == 0:
+        return
     covered = weight > 0
-    probs = np.zeros(acc.shape[:2] + (k,), np.float32)
-    np.divide(acc[..., :k], weight[..., None], out=probs, where=covered[..., None])
-    probs[~covered, 0] = 1.0
-    return probs, covered
+    inv = np.zeros_like(weight)
+    np.divide(1.0, weight, out=inv, where=covered)
+    acc *= inv[..., None]
+    acc[..., 0] += ~covered
+
+
+def touching_groups(polys: np.ndarray) -> np.ndarray:
+    """(n,) group ids: polygons that touch or overlap, directly or through others, share one.
+    Unions then run per group, each small, instead of one overlay of every piece at once."""
+    n = len(polys)
+    group = np.arange(n)
+    if n < 2:
+        return group
+    a, b = shapely.STRtree(polys).query(polys, predicate="intersects")
+    while True:  # label propagation: each pair takes the smaller id, then ids follow their ids
+        low = np.minimum(group[a], group[b])
+        np.minimum.at(group, a, low)
+        np.minimum.at(group, b, low)
+        nxt = group[group]
+        if (nxt == group).all() and (group[a] == group[b]).all():
+            return group
+        group = nxt
 
 
 @dataclass
@@ -147,13 +199,18 @@ class SeamlessPolygons:
         oy = self.offset[1] + block.y * self.scale
         edge = box(ox, oy, ox + block.w * self.scale, oy + block.h * self.scale).exterior
         h, w = labels.shape
-        for label, polys in labels_to_polygons(labels, scale=self.scale, offset=(ox, oy)).items():
+        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=2)) if labels.dtype == np.uint8 \
+            else np.unique(labels)
+        for label in present.tolist():
+            if label == 0:
+                continue
+            fg = labels == label
+            polys = mask_to_polygons(fg, scale=self.scale, offset=(ox, oy))
             if not polys:
                 continue
             sums, counts = np.zeros(len(polys)), np.zeros(len(polys), np.int64)
             if probs is not None:
                 # 4-connected components are the traced pieces; a point inside each piece finds it.
-                fg = labels == label
                 n, comp = cv2.connectedComponents(fg.view(np.uint8), connectivity=4)
                 ids = comp[fg]
                 comp_sums = np.bincount(ids, weights=probs[..., label][fg], minlength=n)
@@ -173,14 +230,22 @@ class SeamlessPolygons:
         for label, pieces in self.done.items():
             out.setdefault(label, []).extend((p, t / c if c else None) for p, t, c in pieces)
         for label, pieces in self.waiting.items():
-            parts = polygonal_parts(shapely.unary_union([p for p, _, _ in pieces]))
-            totals, counts = np.zeros(len(parts)), np.zeros(len(parts), np.int64)
-            tree = shapely.STRtree(parts)
-            points = shapely.point_on_surface([p for p, _, _ in pieces])
-            piece_idx, part_idx = tree.query(points, predicate="within")
-            for i, j in zip(piece_idx.tolist(), part_idx.tolist()):
-                totals[j] += pieces[i][1]
-                counts[j] += pieces[i][2]
-            out.setdefault(label, []).extend(
-                (p, float(t / c) if c else None) for p, t, c in zip(parts, totals.tolist(), counts.tolist()))
+            polys = np.array([p for p, _, _ in pieces], dtype=object)
+            group = touching_groups(polys)
+            for g in np.unique(group).tolist():
+                members = np.flatnonzero(group == g)
+                merged = polys[members[0]] if len(members) == 1 else shapely.unary_union(polys[members])
+                parts = polygonal_parts(merged)
+                totals, counts = np.zeros(len(parts)), np.zeros(len(parts), np.int64)
+                if len(parts) == 1:
+                    totals[0] = sum(pieces[i][1] for i in members)
+                    counts[0] = sum(pieces[i][2] for i in members)
+                else:
+                    tree = shapely.STRtree(parts)
+                    piece_idx, part_idx = tree.query(shapely.point_on_surface(polys[members]), predicate="within")
+                    for i, j in zip(members[piece_idx].tolist(), part_idx.tolist()):
+                        totals[j] += pieces[i][1]
+                        counts[j] += pieces[i][2]
+                out.setdefault(label, []).extend(
+                    (p, float(t / c) if c else None) for p, t, c in zip(parts, totals.tolist(), counts.tolist()))
         return dict(sorted(out.items()))

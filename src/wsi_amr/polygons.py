@@ -160,6 +160,20 @@ def _trace(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return polys, corner
 
 
+def _made_valid(polys: np.ndarray) -> np.ndarray:
+    """Valid versions of pixel outlines that touch themselves at corners, same area.
+
+    A zero buffer rebuilds them an order of magnitude faster than ``make_valid`` (whose linework
+    method took seconds per window on large predicted masks); it is kept wherever it is valid and
+    covers exactly the outline's area (shell minus holes, which ``area`` computes for any ring),
+    and ``make_valid`` takes the rest."""
+    fixed = shapely.buffer(polys, 0)
+    ok = shapely.is_valid(fixed) & np.isclose(shapely.area(fixed), shapely.area(polys), rtol=0, atol=1e-6)
+    if not ok.all():
+        fixed[~ok] = shapely.make_valid(polys[~ok])
+    return fixed
+
+
 def _split_invalid(polys: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Keep valid polygons; replace invalid ones by their valid polygonal parts.
 
@@ -172,7 +186,7 @@ def _split_invalid(polys: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, n
     bad = ~shapely.is_valid(polys)
     if not bad.any():
         return polys, groups
-    parts, idx = shapely.get_parts(shapely.make_valid(polys[bad]), return_index=True)
+    parts, idx = shapely.get_parts(_made_valid(polys[bad]), return_index=True)
     keep = (shapely.get_type_id(parts) == shapely.GeometryType.POLYGON) & ~shapely.is_empty(parts)
     keep &= shapely.is_valid(parts)
     good = ~bad

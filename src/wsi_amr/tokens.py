@@ -45,23 +45,59 @@ def tokenise(image: np.ndarray, leaves: Leaves, token_size: int = 8, fill: float
     img = _padded(img, leaves, fill)
     p, c = token_size, img.shape[2]
     out = np.empty((len(leaves), p, p, c), np.float32)
-    as_float: np.ndarray | None = None
-    for s in np.unique(leaves.size).tolist():
+    sizes = np.unique(leaves.size).tolist()
+    big = [sz for sz in sizes if sz > p] if c <= 4 else []
+    levels = _box_levels(img, p, max(big)) if big else {}
+    for s in sizes:
         idx = np.flatnonzero(leaves.size == s)
         rows, cols = img.shape[0] // s * s, img.shape[1] // s * s
-        if s > p and c <= 4:
-            # Box averages of the whole image at once (an exact area filter: s / p is an integer),
-            # then the leaves' p x p blocks of it: no per-leaf float copies of their pixels.
-            if as_float is None:
-                as_float = img.astype(np.float32)
-            small = cv2.resize(as_float[:rows, :cols], (cols // s * p, rows // s * p), interpolation=cv2.INTER_AREA)
-            small = small.reshape(rows // s, p, cols // s, p, c)
+        if s in levels:
+            # A leaf of size s is a p x p block of its level, at (y / s * p, x / s * p).
+            small = levels[s][: rows // s * p, : cols // s * p].reshape(rows // s, p, cols // s, p, c)
             out[idx] = small[leaves.y[idx] // s, :, leaves.x[idx] // s, :, :]
             continue
         view = img[:rows, :cols].reshape(rows // s, s, cols // s, s, c)
         patches = view[leaves.y[idx] // s, :, leaves.x[idx] // s, :, :].astype(np.float32)  # (n, s, s, c)
         out[idx] = _resize_square(patches, p)
     return out
+
+
+def _box_levels(img: np.ndarray, p: int, largest: int) -> dict[int, np.ndarray]:
+    """For each leaf size s = 2p, 4p, .. ``largest``: the (H / s * p, W / s * p, C) float32 box
+    averages of the image over (s / p)-px squares, so a leaf of size s reads as a p x p block.
+
+    A pyramid (each level the 2 x 2 box average of the one before; nested box averages are box
+    averages, exact in float), built in strips of ``largest`` rows: the float copy of the image
+    is one strip at a time, small enough to stay in cache and out of fresh pages."""
+    h, w, c = img.shape
+    levels: dict[int, np.ndarray] = {}
+    s = 2 * p
+    while s <= largest:
+        levels[s] = np.empty((h // s * p, w // s * p, c), np.float32)
+        s *= 2
+    for y0 in range(0, h // largest * largest, largest):
+        level = img[y0:y0 + largest, : w // 2 * 2].astype(np.float32)
+        s = p
+        while s < largest:
+            r, q = level.shape[0] // 2, level.shape[1] // 2
+            level = cv2.resize(level[: 2 * r, : 2 * q], (q, r), interpolation=cv2.INTER_AREA).reshape(r, q, c)
+            s *= 2
+            rows = largest // s * p  # this strip's rows of level s
+            cols = w // s * p
+            levels[s][y0 // s * p: y0 // s * p + rows] = level[:rows, :cols]
+    # Rows past the last whole strip: leaves there are smaller than ``largest``.
+    y0 = h // largest * largest
+    if y0 < h and h - y0 >= 2 * p:
+        level = img[y0:, : w // 2 * 2].astype(np.float32)
+        s = p
+        while 2 * s <= largest and level.shape[0] >= 2:
+            r, q = level.shape[0] // 2, level.shape[1] // 2
+            level = cv2.resize(level[: 2 * r, : 2 * q], (q, r), interpolation=cv2.INTER_AREA).reshape(r, q, c)
+            s *= 2
+            start, stop = y0 // s * p, h // s * p
+            if stop > start:
+                levels[s][start:stop] = level[: stop - start, : w // s * p]
+    return levels
 
 
 def _resize_square(patches: np.ndarray, p: int) -> np.ndarray:
@@ -79,6 +115,24 @@ def token_geometry(leaves: Leaves) -> np.ndarray:
     """(N, 3) float32: centre x, centre y and size of each leaf, working pixels."""
     half = leaves.size / 2.0
     return np.stack([leaves.x + half, leaves.y + half, leaves.size.astype(np.float64)], axis=1).astype(np.float32)
+
+
+def leaf_coverage(leaves: Leaves, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the pixels under some leaf. Marked on a grid of the smallest leaf size (every
+    leaf is aligned to its own size, so to that grid), then repeated up to pixels."""
+    h, w = shape
+    if len(leaves) == 0:
+        return np.zeros(shape, bool)
+    g = int(leaves.size.min())
+    rows = max(-(-h // g), int(((leaves.y + leaves.size) // g).max()))
+    cols = max(-(-w // g), int(((leaves.x + leaves.size) // g).max()))
+    grid = np.zeros((rows, cols), bool)
+    for s in np.unique(leaves.size).tolist():
+        idx = np.flatnonzero(leaves.size == s)
+        f = s // g
+        view = grid[:rows // f * f, :cols // f * f].reshape(rows // f, f, cols // f, f)
+        view[leaves.y[idx] // s, :, leaves.x[idx] // s, :] = True
+    return np.repeat(np.repeat(grid, g, axis=0)[:h], g, axis=1)[:, :w]
 
 
 def _upsample_matrix(s: int, p: int) -> np.ndarray:

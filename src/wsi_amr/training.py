@@ -42,7 +42,7 @@ from .checkpoint import file_sha256, save_checkpoint
 from .outputs import atomic_path, write_json_atomic, write_text_atomic
 from .quadtree import Leaves, QuadtreeError, QuadtreeParams, build_quadtree, edge_map, is_power_of_two, uniform_leaves
 from .segmentation import ModelCard, Normalisation, SegmenterConfig, TokenSegmenter
-from .tokens import detokenise, pad_tokens, token_geometry, tokenise
+from .tokens import detokenise, leaf_coverage, pad_tokens, token_geometry, tokenise
 
 #: Label value of pixels that carry no label (padding, unannotated slide area with
 #: ``unannotated="ignore"``); they add nothing to the loss or the Dice.
@@ -124,6 +124,8 @@ class TrainConfig:
     warmup: int | None = None  # default: 5% of steps
     dice_weight: float = 0.5
     jitter: float = 0.1
+    glass: float = 0.25  # fraction of crops given a margin of empty glass (class 0)
+    mosaic: float = 0.1  # fraction of crops joined to a crop of another image along a seam
     val_fraction: float = 0.15
     val_every: int = 100
     log_every: int = 10
@@ -206,6 +208,11 @@ class TrainConfig:
             raise bad("--weight-decay, --dice-weight and --jitter must not be negative")
         if self.jitter > 1:
             raise bad(f"--jitter is a fraction (0-1), got {self.jitter}")
+        for name, value in (("--glass", self.glass), ("--mosaic", self.mosaic)):
+            if not 0 <= value <= 1:
+                raise bad(f"{name} is a fraction of crops (0-1), got {value}")
+        if self.glass + self.mosaic > 1:
+            raise bad(f"--glass + --mosaic is a fraction of crops and must not exceed 1, got {self.glass + self.mosaic}")
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
             raise bad(f"--warmup must be between 0 and --steps - 1, got {self.warmup}")
         if not 0 <= self.val_fraction < 1:
@@ -673,7 +680,23 @@ def make_leaves(image: np.ndarray, params: QuadtreeParams, patching: str,
     """Leaves of an RGB image at the working mpp: adaptive quadtree, or uniform at min_size."""
     if patching == "uniform":
         return uniform_leaves(image.shape[:2], params.min_size, tissue)
-    edges = edge_map(image, params.blur_kernel, params.canny_low, params.canny_high)
+    if tissue is None:
+        return build_quadtree(edge_map(image, params.blur_kernel, params.canny_low, params.canny_high), params)
+    # Edges only where a leaf can be: the bounding box of the quadtree roots that hold tissue,
+    # with a margin for the blur and Canny's gradients (windows of a slide are often mostly glass).
+    h, w = tissue.shape
+    top = params.max_size
+    rows_any = np.flatnonzero(tissue.any(axis=1))
+    if rows_any.size == 0:
+        return Leaves.empty()
+    cols_any = np.flatnonzero(tissue.any(axis=0))
+    margin = params.blur_kernel + 8
+    y0 = max(0, int(rows_any[0]) // top * top - margin)
+    x0 = max(0, int(cols_any[0]) // top * top - margin)
+    y1 = min(h, -(-(int(rows_any[-1]) + 1) // top) * top + margin)
+    x1 = min(w, -(-(int(cols_any[-1]) + 1) // top) * top + margin)
+    edges = np.zeros((h, w), np.uint8)
+    edges[y0:y1, x0:x1] = edge_map(image[y0:y1, x0:x1], params.blur_kernel, params.canny_low, params.canny_high)
     return build_quadtree(edges, params, tissue)
 
 
@@ -693,15 +716,52 @@ class Batch:
     tokens_per_crop: float
 
 
+def blob(rng: np.random.Generator, size: int, keep: float) -> np.ndarray:
+    """(size, size) bool: a random smooth blob covering about ``keep`` of the square, the shape of
+    a tissue fragment's edge (thresholded low-frequency noise)."""
+    n = int(rng.integers(2, 6))
+    noise = cv2.resize(rng.random((n, n)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    return noise >= np.quantile(noise, 1.0 - keep)
+
+
+def glass_like(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) uint8 empty slide glass: a pale grey with a slight tint and noise."""
+    base = rng.uniform(215, 252) + rng.uniform(-6, 6, 3)
+    img = base + rng.normal(0, rng.uniform(0.5, 3.0), (*shape, 1))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def composite(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: TrainConfig,
+              other: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """What whole slides have and labelled crops lack: with probability ``cfg.glass`` the crop
+    outside a random blob becomes empty glass labelled background (tissue edges); with probability
+    ``cfg.mosaic`` it becomes another crop (``other()``) with its labels (a seam between unlike
+    tissue). Otherwise the crop is returned as it is."""
+    u = rng.random()
+    if u >= cfg.glass + cfg.mosaic:
+        return image, labels
+    h, w = labels.shape
+    inside = blob(rng, max(h, w), rng.uniform(0.3, 0.8))[:h, :w]
+    if u < cfg.glass:
+        fill_img, fill_lab = glass_like(rng, (h, w)), np.zeros((h, w), labels.dtype)
+    else:
+        fill_img, fill_lab = other()
+    return np.where(inside[..., None], image, fill_img), np.where(inside, labels, fill_lab)
+
+
 def make_batch(sources: Sequence[Any], weights: np.ndarray, cfg: TrainConfig,
                rng: np.random.Generator) -> Batch:
     """``cfg.batch_size`` augmented crops, tokenised and padded to one length."""
     toks, geoms, targets = [], [], []
     p, k = cfg.token_size, cfg.num_classes
-    for _ in range(cfg.batch_size):
+
+    def crop() -> tuple[np.ndarray, np.ndarray]:
         src = sources[int(rng.choice(len(sources), p=weights))]
         image, labels = src.sample(rng, cfg.crop)
-        image, labels = augment(image, labels, rng, cfg.jitter)
+        return augment(image, labels, rng, cfg.jitter)
+
+    for _ in range(cfg.batch_size):
+        image, labels = composite(*crop(), rng, cfg, crop)
         labelled = labels != IGNORE
         tissue = None if labelled.all() else labelled
         leaves = make_leaves(image, cfg.quadtree, cfg.patching, tissue)
@@ -891,7 +951,10 @@ def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray
             model.train(was_training)
     out = detokenise(probs, leaves, (h, w), fill=0) if len(leaves) else np.zeros((h, w, k), np.float32)
     out = np.ascontiguousarray(out, dtype=np.float32)
-    out[..., 0] += np.clip(1.0 - out.sum(axis=2), 0, None)  # uncovered pixels: background
+    if len(leaves):  # uncovered pixels: background (covered ones sum to one already)
+        out[..., 0] += ~leaf_coverage(leaves, (h, w))
+    else:
+        out[..., 0] = 1.0
     return out
 
 

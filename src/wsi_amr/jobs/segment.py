@@ -24,7 +24,8 @@ import shapely
 from ..batch import EmptySlide, JobContext
 from ..checkpoint import load_checkpoint
 from ..geojson import PathClass, make_feature, write_geojson
-from ..inference import Block, SeamlessPolygons, blend_stream, window_starts
+from ..labeltiff import LabelTiff
+from ..inference import Block, SeamlessPolygons, blend_stream, class_map, window_starts
 from ..outputs import write_png_atomic
 from ..quadtree import uniform_token_count
 from ..slide import Resolution, open_slide
@@ -33,6 +34,7 @@ from .quadtree import sample_mask
 from .tissue import ASSUMED_MPP, load_or_detect, overlay_image, tissue_params
 
 OVERLAY_FILE = "overlay.png"
+MASK_FILE = "mask.tiff"
 
 
 def geojson_name(stem: str, gzip: bool) -> str:
@@ -58,6 +60,42 @@ def _class_overlay(thumb: np.ndarray, objects: dict[int, list[tuple[Any, float |
     for pts, color in lines:
         cv2.polylines(out, pts, True, color, 1)
     return out
+
+
+Objects = dict[int, list[tuple[Any, float | None]]]
+
+
+def finish_objects(seam: SeamlessPolygons, simplify: float, min_area: float) -> Objects:
+    """The seam's objects per class (background dropped), simplified with tolerance ``simplify``
+    (output units, topology kept) and without those under ``min_area`` (output units squared,
+    measured before simplifying): ``{label: [(polygon, mean class probability), ...]}``."""
+    kept: Objects = {}
+    for label, items in seam.finish().items():
+        if label == 0:
+            continue
+        polys = [p for p, _ in items]
+        simple = shapely.simplify(polys, simplify, preserve_topology=True) if simplify > 0 else polys
+        kept[label] = [(s, m) for s, (p, m) in zip(simple, items) if p.area >= min_area and not s.is_empty]
+    return kept
+
+
+def write_objects(path: Path, objects: Objects, names: list[str], colors: list[list[int]], object_type: str,
+                  px_um2: float):
+    """Write ``objects`` as QuPath GeoJSON (``.gz`` by the name): one feature per object with its
+    class name and colour, area in µm^2 (``px_um2``: µm^2 per output unit squared) and mean class
+    probability. Streams the features; returns the writer's report."""
+    def features():
+        for label, items in objects.items():
+            cls = PathClass(names[label] if label < len(names) else f"class {label}",
+                            tuple(colors[label]) if label < len(colors) else (255, 0, 0))
+            for poly, mean_prob in items:
+                f = make_feature(poly, object_type=object_type, classification=cls, measurements={
+                    "Area µm^2": round(poly.area * px_um2, 2),
+                    "Mean probability": None if mean_prob is None else round(mean_prob, 4)})
+                if f is not None:
+                    yield f
+
+    return write_geojson(path, features())
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
@@ -91,6 +129,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
         px_um2 = mpp0[0] * mpp0[1]  # per level-0 px^2
         bx, by = slide.bounds_offset
         seam = SeamlessPolygons(scale=ds, offset=(-float(bx), -float(by)))
+        mask = None
+        if sp.get("mask_tiff"):
+            mask = LabelTiff(ctx.out_dir / MASK_FILE, width, height, float(np.mean(mpp0)) * ds,
+                             classes=list(card.class_names),
+                             extra={"downsample": ds, "level0_offset": [-float(bx), -float(by)],
+                                    "slide": slide.name})
         order = [Block(x, y, min(window, width - x), min(window, height - y))
                  for y in window_starts(height, window, overlap) for x in window_starts(width, window, overlap)]
         n_windows = len(order)
@@ -107,78 +151,66 @@ def run(ctx: JobContext) -> dict[str, Any]:
             return rgb, tissue, time.perf_counter() - t
 
         done = 0
-        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader:
-            pending: dict[Block, Future] = {}
-            position = {b: i for i, b in enumerate(order)}
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="read") as reader:
+                pending: dict[Block, Future] = {}
+                position = {b: i for i, b in enumerate(order)}
 
-            def predict(b: Block) -> np.ndarray | None:
-                nonlocal done
-                i = position[b]
-                for nb in order[i:i + 2]:  # this window and the next one, read ahead
-                    if nb not in pending:
-                        pending[nb] = reader.submit(read, nb)
-                rgb, tissue, seconds = pending.pop(b).result()
-                timing["read"] += seconds
-                done += 1
-                ctx.progress(done, n_windows)
-                if rgb is None:
-                    return None
-                t = time.perf_counter()
-                leaves = make_leaves(rgb, params, patching, tissue)
-                timing["quadtree"] += time.perf_counter() - t
-                tokens["used"] += len(leaves)
-                tokens["adaptive" if patching == "adaptive" else "uniform"] += len(leaves)
-                if patching == "adaptive":
-                    tokens["uniform"] += uniform_token_count(tissue.shape, params.min_size, tissue)
-                t = time.perf_counter()
-                probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size, context=context)
-                timing["model"] += time.perf_counter() - t
-                return probs
+                def predict(b: Block) -> np.ndarray | None:
+                    nonlocal done
+                    i = position[b]
+                    for nb in order[i:i + 2]:  # this window and the next one, read ahead
+                        if nb not in pending:
+                            pending[nb] = reader.submit(read, nb)
+                    rgb, tissue, seconds = pending.pop(b).result()
+                    timing["read"] += seconds
+                    done += 1
+                    ctx.progress(done, n_windows)
+                    if rgb is None:
+                        return None
+                    t = time.perf_counter()
+                    leaves = make_leaves(rgb, params, patching, tissue)
+                    timing["quadtree"] += time.perf_counter() - t
+                    tokens["used"] += len(leaves)
+                    tokens["adaptive" if patching == "adaptive" else "uniform"] += len(leaves)
+                    if patching == "adaptive":
+                        tokens["uniform"] += uniform_token_count(tissue.shape, params.min_size, tissue)
+                    t = time.perf_counter()
+                    probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size, context=context)
+                    timing["model"] += time.perf_counter() - t
+                    return probs
 
-            t_blend = time.perf_counter()
-            for block, probs, _ in blend_stream(width, height, window, overlap, k, predict):
-                t = time.perf_counter()
-                # Uncovered pixels are background in probs already (blend_stream sets them so).
-                labels = probs.argmax(axis=2).astype(np.uint8 if k < 256 else np.int32)
-                seam.add(block, labels, probs)
-                timing["polygons"] += time.perf_counter() - t
-            timing["blend"] = (time.perf_counter() - t_blend - timing["polygons"] - timing["model"]
-                               - timing["quadtree"])
-        t = time.perf_counter()
-        objects = seam.finish()
-        # Simplify (tolerance in µm) and drop small objects (µm^2), in level-0 px.
-        tol = float(sp["simplify_um"]) / float(np.mean(mpp0))
-        min_area_px = float(sp["min_area_um2"]) / px_um2
-        kept: dict[int, list[tuple[Any, float | None]]] = {}
-        for label, items in objects.items():
-            if label == 0:
-                continue
-            polys = [p for p, _ in items]
-            simple = shapely.simplify(polys, tol, preserve_topology=True) if tol > 0 else polys
-            kept[label] = [(s, m) for s, (p, m) in zip(simple, items) if p.area >= min_area_px and not s.is_empty]
-        timing["polygons"] += time.perf_counter() - t
+                t_blend = time.perf_counter()
+                for block, probs, _ in blend_stream(width, height, window, overlap, k, predict):
+                    t = time.perf_counter()
+                    # Uncovered pixels are background in probs already (blend_stream sets them so).
+                    labels = class_map(probs)
+                    seam.add(block, labels, probs)
+                    timing["polygons"] += time.perf_counter() - t
+                    if mask is not None:
+                        t = time.perf_counter()
+                        mask.add(block.x, block.y, labels)
+                        timing["write"] += time.perf_counter() - t
+                timing["blend"] = (time.perf_counter() - t_blend - timing["polygons"] - timing["model"]
+                                   - timing["quadtree"])
+            t = time.perf_counter()
+            kept = finish_objects(seam, float(sp["simplify_um"]) / float(np.mean(mpp0)), float(sp["min_area_um2"]) / px_um2)
+            timing["polygons"] += time.perf_counter() - t
 
-        t = time.perf_counter()
-        names, colors = card.class_names, card.class_colors
-        object_type = sp["object_type"]
-
-        def features():
-            for label, items in kept.items():
-                cls = PathClass(names[label] if label < len(names) else f"class {label}",
-                                tuple(colors[label]) if label < len(colors) else (255, 0, 0))
-                for poly, mean_prob in items:
-                    f = make_feature(poly, object_type=object_type, classification=cls, measurements={
-                        "Area µm^2": round(poly.area * px_um2, 2),
-                        "Mean probability": None if mean_prob is None else round(mean_prob, 4)})
-                    if f is not None:
-                        yield f
-
-        out_name = geojson_name(slide.stem, bool(sp["gzip"]))
-        report = write_geojson(ctx.out_dir / out_name, features())
-        thumb, tds = slide.thumbnail(2048)
-        overlay = _class_overlay(thumb, kept, colors, 1.0 / tds, (float(bx), float(by)))
-        write_png_atomic(ctx.out_dir / OVERLAY_FILE, overlay)
-        timing["write"] += time.perf_counter() - t
+            t = time.perf_counter()
+            names, colors = card.class_names, card.class_colors
+            out_name = geojson_name(slide.stem, bool(sp["gzip"]))
+            report = write_objects(ctx.out_dir / out_name, kept, names, colors, sp["object_type"], px_um2)
+            thumb, tds = slide.thumbnail(2048)
+            overlay = _class_overlay(thumb, kept, colors, 1.0 / tds, (float(bx), float(by)))
+            write_png_atomic(ctx.out_dir / OVERLAY_FILE, overlay)
+            if mask is not None:
+                mask.close()
+            timing["write"] += time.perf_counter() - t
+        except BaseException:
+            if mask is not None:
+                mask.abort()
+            raise
         info, name = slide.info(), slide.name
 
     counts = {names[c] if c < len(names) else f"class {c}": len(v) for c, v in kept.items()}
@@ -197,6 +229,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         **{f"seconds_{name}": round(v, 3) for name, v in timing.items()},
     }
     outputs = {"geojson": out_name, "overlay": OVERLAY_FILE}
+    if sp.get("mask_tiff"):
+        outputs["mask"] = MASK_FILE
     if tokens["used"] == 0:
         raise EmptySlide(f"{name}: no tissue found; wrote an empty {out_name}", outputs, stats)
     stats["model"] = Path(sp["model"]).name
