@@ -315,3 +315,15 @@ def test_bad_tissue_option_values_are_usage_errors(runner, rect_slide, tmp_path,
     path, _ = rect_slide
     res = invoke(runner, "tissue", path, "-o", tmp_path / "out", *args)
     assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_folder_search_skips_the_output_folder(tmp_path):
+    from wsi_amr.batch import resolve_inputs
+
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "a" / "mask.tiff").write_bytes(b"x")
+    found, problems = resolve_inputs([str(tmp_path)], exclude=tmp_path / "out")
+    assert found == [tmp_path / "a.svs"] and problems == []
+    found, _ = resolve_inputs([str(tmp_path)])
+    assert len(found) == 2

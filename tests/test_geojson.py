@@ -585,3 +585,17 @@ def test_read_bad_input_raises_geojson_error_naming_the_file(
         read_geojson(path)
     message = str(info.value)
     assert "input_file.geojson" in message and expected in message and "\n" not in message
+
+
+def test_made_features_are_trusted_only_while_their_geometry_is_untouched(tmp_path):
+    from shapely.geometry import box as _box
+
+    from wsi_amr.geojson import make_feature, validate_geojson, write_geojson
+
+    good = make_feature(_box(0, 0, 10, 10))
+    swapped = make_feature(_box(0, 0, 10, 10))
+    bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]}
+    swapped["geometry"] = bowtie  # changed after it was made: checked and repaired again
+    report = write_geojson(tmp_path / "a.geojson", [good, swapped])
+    assert report.written == 2 and report.repaired == 1
+    assert validate_geojson(tmp_path / "a.geojson") == []

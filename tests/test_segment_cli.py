@@ -124,6 +124,41 @@ def test_rerun_skips_and_corrupt_slide_fails_alone(runner, rect_slide, tmp_path)
     assert again.exit_code == 0 and json.loads(again.stdout.splitlines()[0])["status"] == "skipped"
 
 
+def test_interrupted_batch_resumes_where_it_stopped(runner, rect_slide, tmp_path, monkeypatch):
+    import shutil
+
+    from wsi_amr.jobs import segment as job
+
+    slide, _ = rect_slide
+    shutil.copy(slide, slide.with_name("second.tiff"))
+    model = constant_model(tmp_path / "m")
+    args = ["segment", slide.parent, "-o", tmp_path / "out", "--model", model, "--mask-tiff", "--json"]
+    real_add, calls = job.SeamlessPolygons.add, []
+
+    def add_then_ctrl_c(self, *a, **k):  # Ctrl-C in the middle of the second slide
+        calls.append(1)
+        if len(calls) > 40:  # 35 blocks a slide
+            raise KeyboardInterrupt
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(job.SeamlessPolygons, "add", add_then_ctrl_c)
+    res = invoke(runner, *args, "--window", 128, "--overlap", 16)
+    assert res.exit_code == 130
+    done = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["status"] for r in done] == ["done"]
+    first, second = done[0]["stem"], ({"rect", "second"} - {done[0]["stem"]}).pop()
+    half = tmp_path / "out" / second
+    # Nothing half-written is left to look finished: no GeoJSON, no mask, no temporaries, no lock.
+    assert not half.exists() or sorted(p.name for p in half.iterdir()) == []
+    monkeypatch.setattr(job.SeamlessPolygons, "add", real_add)
+    again = invoke(runner, *args, "--window", 128, "--overlap", 16)
+    assert again.exit_code == 0, again.stderr
+    status = {json.loads(line)["stem"]: json.loads(line)["status"] for line in again.stdout.splitlines()}
+    assert status == {first: "skipped", second: "done"}
+    assert validate_geojson(tmp_path / "out" / second / f"{second}.geojson") == []
+    assert (tmp_path / "out" / second / "mask.tiff").exists()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--overlap", "100", "--window", "128"], "--overlap"),
     (["--object-type", "cell"], "--object-type"),

@@ -117,12 +117,21 @@ def is_slide_name(name: str) -> bool:
     return lower.endswith(SLIDE_EXTENSIONS) and not lower.startswith(".")
 
 
-def resolve_inputs(items: Sequence[str], stdin: TextIO | None = None) -> tuple[list[Path], list[str]]:
+def resolve_inputs(items: Sequence[str], stdin: TextIO | None = None,
+                   exclude: Path | None = None) -> tuple[list[Path], list[str]]:
     """Slide paths from files, folders (searched recursively), globs and ``-`` (stdin lines).
 
     Returns the paths in a stable order without duplicates, and one message per input that gave
-    nothing (missing path, folder or glob without slides).
+    nothing (missing path, folder or glob without slides). Folder searches skip ``exclude`` (the
+    output folder, whose mask.tiff files would otherwise come back as slides on a rerun).
     """
+    skip = exclude.resolve() if exclude is not None else None
+
+    def wanted(q: Path) -> bool:
+        if not (q.is_file() and is_slide_name(q.name) and ".tmp-" not in q.name):
+            return False
+        return skip is None or not q.resolve().is_relative_to(skip)
+
     paths: list[Path] = []
     problems: list[str] = []
     expanded: list[str] = []
@@ -135,9 +144,7 @@ def resolve_inputs(items: Sequence[str], stdin: TextIO | None = None) -> tuple[l
     for item in expanded:
         p = Path(item).expanduser()
         if p.is_dir() and p.suffix.lower() != ".mrxs":
-            found = sorted(
-                q for q in p.rglob("*") if q.is_file() and is_slide_name(q.name) and ".tmp-" not in q.name
-            )
+            found = sorted(q for q in p.rglob("*") if wanted(q))
             if not found:
                 problems.append(f"{p}: folder holds no slides ({', '.join(SLIDE_EXTENSIONS[:6])}, ...)")
             paths.extend(found)

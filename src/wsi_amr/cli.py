@@ -125,7 +125,7 @@ def run_slides(
     """Resolve inputs, run ``command`` on every slide, report, and exit with the batch status."""
     if slide_mpp is not None and not slide_mpp > 0:
         _fail_usage(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
-    slides, problems = resolve_inputs(inputs)
+    slides, problems = resolve_inputs(inputs, exclude=out)
     for p in problems:
         typer.echo(f"error: {p}", err=True)
     if not slides:

@@ -291,12 +291,18 @@ def make_feature(
                 values[str(key)] = v
         if values:
             properties["measurements"] = values
-    return {
-        "type": "Feature",
-        "id": feature_id if feature_id is not None else str(uuid.uuid4()),
-        "geometry": _geometry_json(cleaned),
-        "properties": properties,
-    }
+    geometry_json = _geometry_json(cleaned)
+    feature = _CleanFeature(type="Feature", id=feature_id if feature_id is not None else str(uuid.uuid4()),
+                            geometry=geometry_json, properties=properties)
+    feature.clean_geometry = geometry_json
+    return feature
+
+
+class _CleanFeature(dict):
+    """A Feature from :func:`make_feature`: its geometry was cleaned when it was made, so the
+    writer need not parse and check it again while it is still that same geometry object."""
+
+    clean_geometry: Any = None
 
 
 # --------------------------------------------------------------------------- writing
@@ -367,6 +373,8 @@ def _checked_feature(feature: dict[str, Any], report: WriteReport) -> dict[str, 
     if geometry is None:
         report.dropped += 1
         return None
+    if isinstance(feature, _CleanFeature) and geometry is feature.clean_geometry:
+        return feature
     try:
         original = geometry if isinstance(geometry, BaseGeometry) else shape(geometry)
     except _UNPARSABLE:

@@ -181,12 +181,14 @@ def touching_groups(polys: np.ndarray) -> np.ndarray:
 class SeamlessPolygons:
     """Polygons of a label image that arrives block by block, with objects whole across blocks.
 
-    ``add`` outlines one block's labels (working px) and maps them to output coordinates
-    (``x * scale + offset``), with each piece's sum of its class probability and pixel count when
-    probabilities are given. Pieces that touch the block's border are kept apart; ``finish``
-    unions them per class, so a gland cut by two windows is one polygon, and returns every
-    class's polygons with their mean class probability. Interior pieces are final at once; only
-    border pieces wait (a thin band of any slide), so memory follows the objects on window
+    ``add`` outlines one block's labels in working px (integer vertices, so two blocks' pieces
+    share their border exactly), with each piece's sum of its class probability and pixel count
+    when probabilities are given. Pieces that touch the block's border are kept apart; ``finish``
+    unions them per class, so a gland cut by two windows is one polygon, maps every polygon to
+    output coordinates (``x * scale + offset``, once, after the union: mapped first, a border
+    shared by two blocks could land one ulp apart on each side at scales like 1.24) and returns
+    every class's polygons with their mean class probability. Interior pieces are final at once;
+    only border pieces wait (a thin band of any slide), so memory follows the objects on window
     borders, not the slide."""
 
     scale: float = 1.0
@@ -195,9 +197,8 @@ class SeamlessPolygons:
     waiting: dict[int, list[tuple[Polygon, float, int]]] = field(default_factory=dict)
 
     def add(self, block: Block, labels: np.ndarray, probs: np.ndarray | None = None) -> None:
-        ox = self.offset[0] + block.x * self.scale
-        oy = self.offset[1] + block.y * self.scale
-        edge = box(ox, oy, ox + block.w * self.scale, oy + block.h * self.scale).exterior
+        ox, oy = float(block.x), float(block.y)
+        edge = box(ox, oy, ox + block.w, oy + block.h).exterior
         h, w = labels.shape
         present = np.flatnonzero(np.bincount(labels.ravel(), minlength=2)) if labels.dtype == np.uint8 \
             else np.unique(labels)
@@ -205,19 +206,19 @@ class SeamlessPolygons:
             if label == 0:
                 continue
             fg = labels == label
-            polys = mask_to_polygons(fg, scale=self.scale, offset=(ox, oy))
+            polys = mask_to_polygons(fg, offset=(ox, oy))
             if not polys:
                 continue
             sums, counts = np.zeros(len(polys)), np.zeros(len(polys), np.int64)
             if probs is not None:
                 # 4-connected components are the traced pieces; a point inside each piece finds it.
                 n, comp = cv2.connectedComponents(fg.view(np.uint8), connectivity=4)
-                ids = comp[fg]
-                comp_sums = np.bincount(ids, weights=probs[..., label][fg], minlength=n)
-                comp_counts = np.bincount(ids, minlength=n)
+                flat = comp.ravel()  # component 0 is everything else; no piece looks it up
+                comp_sums = np.bincount(flat, weights=probs[..., label].ravel(), minlength=n)
+                comp_counts = np.bincount(flat, minlength=n)
                 inside = shapely.point_on_surface(polys)
-                px = np.clip(np.floor((shapely.get_x(inside) - ox) / self.scale).astype(np.int64), 0, w - 1)
-                py = np.clip(np.floor((shapely.get_y(inside) - oy) / self.scale).astype(np.int64), 0, h - 1)
+                px = np.clip(np.floor(shapely.get_x(inside) - ox).astype(np.int64), 0, w - 1)
+                py = np.clip(np.floor(shapely.get_y(inside) - oy).astype(np.int64), 0, h - 1)
                 ids = comp[py, px]
                 sums, counts = comp_sums[ids], comp_counts[ids]
             touching = shapely.intersects(polys, edge)
@@ -248,4 +249,10 @@ class SeamlessPolygons:
                         counts[j] += pieces[i][2]
                 out.setdefault(label, []).extend(
                     (p, float(t / c) if c else None) for p, t, c in zip(parts, totals.tolist(), counts.tolist()))
+        scale, offset = np.array([self.scale, self.scale]), np.asarray(self.offset, np.float64)
+        for label, items in out.items():
+            polys = shapely.orient_polygons(np.array([p for p, _ in items], dtype=object), exterior_cw=False)
+            if self.scale != 1.0 or offset.any():
+                polys = shapely.transform(polys, lambda xy: xy * scale + offset)
+            out[label] = [(p, m) for p, (_, m) in zip(polys.tolist(), items)]
         return dict(sorted(out.items()))

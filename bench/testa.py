@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""A segmentation checkpoint's gland Dice on GlaS testA (the bundled model's card figure).
+
+Each image is segmented twice: with attention in squares of the training crop (``--context``,
+how ``wsi-amr segment`` runs a model) and as one sequence per image. Dice of the Gland class
+(every non-background class together for models with more), pooled over all pixels and the mean
+per image.
+
+    python bench/testa.py --model src/wsi_amr/models/glas-gland.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--glas", type=Path, default=REPO.parent / "shared" / "data" / "glas")
+    ap.add_argument("--images", default="testA_*.png")
+    ap.add_argument("--context", type=int, default=None, help="attention squares, px [default: the training crop]")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="write the figures here too")
+    args = ap.parse_args(argv)
+    import torch
+
+    from wsi_amr.checkpoint import load_checkpoint
+    from wsi_amr.training import make_leaves, patching_from_card, predict_leaves, read_image, read_mask
+
+    torch.set_num_threads(args.threads)
+    model, card = load_checkpoint(args.model)
+    params, mode = patching_from_card(card)
+    context = args.context or int((card.training or {}).get("crop") or 256)
+    paths = sorted((args.glas / "images").glob(args.images))
+    if not paths:
+        print(f"testa: no images {args.glas / 'images' / args.images}", file=sys.stderr)
+        return 2
+    counts = {"context": [], "whole": []}
+    t0 = time.perf_counter()
+    for path in paths:
+        image = read_image(path)
+        truth = read_mask(args.glas / "masks" / path.name) > 0
+        leaves = make_leaves(image, params, mode)
+        for key, ctx in (("context", context), ("whole", None)):
+            pred = predict_leaves(model, card, image, leaves, relative_to=params.max_size, context=ctx).argmax(2) > 0
+            counts[key].append(((pred & truth).sum(), pred.sum(), truth.sum()))
+    out = {"model": str(args.model), "images": len(paths), "context": context, "seconds": round(time.perf_counter() - t0, 1)}
+    for key, rows in counts.items():
+        c = np.array(rows, np.float64)
+        out[f"{key}_pooled"] = round(float(2 * c[:, 0].sum() / (c[:, 1].sum() + c[:, 2].sum())), 4)
+        out[f"{key}_per_image"] = round(float(np.mean(2 * c[:, 0] / np.maximum(c[:, 1] + c[:, 2], 1))), 4)
+    print(json.dumps(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
