@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--glas", type=Path, default=REPO.parent / "shared" / "data" / "glas")
     ap.add_argument("--images", default="testA_*.png")
     ap.add_argument("--context", type=int, default=None, help="attention squares, px [default: the training crop]")
+    ap.add_argument("--shifts", default="0", help="context grid shifts, px, averaged (as wsi-amr segment's --shifts)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the figures here too")
     args = ap.parse_args(argv)
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     model, card = load_checkpoint(args.model)
     params, mode = patching_from_card(card)
     context = args.context or int((card.training or {}).get("crop") or 256)
+    shifts = tuple(int(v) for v in args.shifts.split(","))
     paths = sorted((args.glas / "images").glob(args.images))
     if not paths:
         print(f"testa: no images {args.glas / 'images' / args.images}", file=sys.stderr)
@@ -51,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         truth = read_mask(args.glas / "masks" / path.name) > 0
         leaves = make_leaves(image, params, mode)
         for key, ctx in (("context", context), ("whole", None)):
-            pred = predict_leaves(model, card, image, leaves, relative_to=params.max_size, context=ctx).argmax(2) > 0
+            pred = predict_leaves(model, card, image, leaves, relative_to=params.max_size, context=ctx,
+                                  shifts=shifts).argmax(2) > 0
             counts[key].append(((pred & truth).sum(), pred.sum(), truth.sum()))
-    out = {"model": str(args.model), "images": len(paths), "context": context, "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"model": str(args.model), "images": len(paths), "context": context, "shifts": list(shifts), "seconds": round(time.perf_counter() - t0, 1)}
     for key, rows in counts.items():
         c = np.array(rows, np.float64)
         out[f"{key}_pooled"] = round(float(2 * c[:, 0].sum() / (c[:, 1].sum() + c[:, 2].sum())), 4)

@@ -400,11 +400,12 @@ def test_glass_and_mosaic_crops_keep_image_and_labels_together():
     other[..., 2] = 200  # blue tissue, class 2
     other_labels = np.full((64, 64), 2, np.uint8)
     glass_cfg = TrainConfig(out="x", glass=1.0, mosaic=0.0)
-    img, lab = composite(image, labels, rng, glass_cfg, lambda: (other, other_labels))
-    glass = img[..., 0] != 200
-    assert 0.15 < glass.mean() < 0.75  # a blob of tissue, glass around it
-    assert (lab[glass] == 0).all() and (lab[~glass] == 1).all()
-    assert (img[glass].min(axis=1) > 200).all()  # pale grey
+    for _ in range(10):  # blobs of tissue with glass around them, or straight cuts
+        img, lab = composite(image, labels, rng, glass_cfg, lambda: (other, other_labels))
+        glass = img[..., 0] != 200
+        assert 0.1 < glass.mean() < 0.99
+        assert (lab[glass] == 0).all() and (lab[~glass] == 1).all()
+        assert (img[glass].min(axis=1) > 200).all()  # pale grey
     mosaic_cfg = TrainConfig(out="x", glass=0.0, mosaic=1.0)
     img, lab = composite(image, labels, rng, mosaic_cfg, lambda: (other, other_labels))
     blue = img[..., 2] == 200

@@ -200,12 +200,11 @@ class SeamlessPolygons:
         ox, oy = float(block.x), float(block.y)
         edge = box(ox, oy, ox + block.w, oy + block.h).exterior
         h, w = labels.shape
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=2)) if labels.dtype == np.uint8 \
-            else np.unique(labels)
-        for label in present.tolist():
-            if label == 0:
-                continue
+        k = probs.shape[2] if probs is not None else int(labels.max()) + 1
+        for label in range(1, k):
             fg = labels == label
+            if not fg.any():
+                continue
             polys = mask_to_polygons(fg, offset=(ox, oy))
             if not polys:
                 continue
@@ -213,9 +212,10 @@ class SeamlessPolygons:
             if probs is not None:
                 # 4-connected components are the traced pieces; a point inside each piece finds it.
                 n, comp = cv2.connectedComponents(fg.view(np.uint8), connectivity=4)
-                flat = comp.ravel()  # component 0 is everything else; no piece looks it up
-                comp_sums = np.bincount(flat, weights=probs[..., label].ravel(), minlength=n)
-                comp_counts = np.bincount(flat, minlength=n)
+                rows, cols = np.nonzero(fg)  # the pieces' pixels only: most of a block is something else
+                ids = comp[rows, cols]
+                comp_sums = np.bincount(ids, weights=probs[rows, cols, label], minlength=n)
+                comp_counts = np.bincount(ids, minlength=n)
                 inside = shapely.point_on_surface(polys)
                 px = np.clip(np.floor(shapely.get_x(inside) - ox).astype(np.int64), 0, w - 1)
                 py = np.clip(np.floor(shapely.get_y(inside) - oy).astype(np.int64), 0, h - 1)

@@ -734,14 +734,24 @@ def glass_like(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
 def composite(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: TrainConfig,
               other: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """What whole slides have and labelled crops lack: with probability ``cfg.glass`` the crop
-    outside a random blob becomes empty glass labelled background (tissue edges); with probability
-    ``cfg.mosaic`` it becomes another crop (``other()``) with its labels (a seam between unlike
-    tissue). Otherwise the crop is returned as it is."""
+    outside a random blob (a tissue edge) or past a straight cut at a random place (the edge of a
+    scanned region, met at any offset from the leaf grid) becomes empty glass labelled background;
+    with probability ``cfg.mosaic`` it becomes another crop (``other()``) with its labels (a seam
+    between unlike tissue). Otherwise the crop is returned as it is."""
     u = rng.random()
     if u >= cfg.glass + cfg.mosaic:
         return image, labels
     h, w = labels.shape
-    inside = blob(rng, max(h, w), rng.uniform(0.3, 0.8))[:h, :w]
+    if rng.random() < 0.5:
+        inside = blob(rng, max(h, w), rng.uniform(0.3, 0.8))[:h, :w]
+    else:  # a straight cut along x and/or y at a random place: an edge of a scanned region
+        inside = np.ones((h, w), bool)
+        axes = int(rng.integers(3))  # rows, columns or both
+        for axis, n in ((0, h), (1, w)):
+            if axes in (axis, 2):
+                cut = int(rng.integers(n // 8, n - n // 8))
+                keep = np.arange(n) < cut if rng.random() < 0.5 else np.arange(n) >= cut
+                inside &= keep[:, None] if axis == 0 else keep[None, :]
     if u < cfg.glass:
         fill_img, fill_lab = glass_like(rng, (h, w)), np.zeros((h, w), labels.dtype)
     else:
@@ -868,26 +878,30 @@ def _predict(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, para
     return out.argmax(axis=2).astype(np.uint8), out, len(leaves)
 
 
-def context_blocks(leaves: Leaves, context: int) -> list[np.ndarray]:
-    """Indices of the leaves in each ``context``-px square of the image (aligned to its corner),
-    in Z-order of the squares; a leaf belongs to the square holding its top-left corner."""
+def context_blocks(leaves: Leaves, context: int, shift: int = 0) -> list[np.ndarray]:
+    """Indices of the leaves in each ``context``-px square of the image (a grid from the image's
+    corner, moved left and up by ``shift`` px), in raster order of the squares; a leaf belongs to
+    the square holding its top-left corner."""
     if len(leaves) == 0:
         return []
-    key = (leaves.y // context) * (int(leaves.x.max()) // context + 1) + leaves.x // context
+    gx, gy = (leaves.x + shift) // context, (leaves.y + shift) // context
+    key = gy * (int(gx.max()) + 1) + gx
     order = np.argsort(key, kind="stable")
     bounds = np.flatnonzero(np.diff(key[order])) + 1
     return np.split(order, bounds)
 
 
-def _sequences(leaves: Leaves, max_sequence: int, context: int | None, relative_to: int) -> list[tuple[np.ndarray, float, float]]:
+def _sequences(leaves: Leaves, max_sequence: int, context: int | None, relative_to: int,
+               shift: int = 0) -> list[tuple[np.ndarray, float, float]]:
     """(leaf indices, x origin, y origin) of each sequence the model runs on."""
     if context:
-        groups = context_blocks(leaves, context)
+        groups = context_blocks(leaves, context, shift)
         out = []
         for idx in groups:
             for part in np.array_split(idx, -(-len(idx) // max_sequence)):
                 sub_x, sub_y = leaves.x[part].min(), leaves.y[part].min()
-                out.append((part, float(sub_x // context * context), float(sub_y // context * context)))
+                out.append((part, float((sub_x + shift) // context * context - shift),
+                            float((sub_y + shift) // context * context - shift)))
         return out
     n_chunks = -(-len(leaves) // max_sequence)
     if n_chunks == 1:
@@ -902,7 +916,7 @@ def _sequences(leaves: Leaves, max_sequence: int, context: int | None, relative_
 @torch.no_grad()
 def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, leaves: Leaves, *,
                    max_sequence: int = MAX_SEQUENCE, relative_to: int = 256, context: int | None = None,
-                   batch_tokens: int = MAX_SEQUENCE) -> np.ndarray:
+                   batch_tokens: int = MAX_SEQUENCE, shifts: Sequence[int] = (0,)) -> np.ndarray:
     """(H, W, K) float32 class probabilities of an image from given leaves: tokens, the model in
     eval mode without gradients, and the per-token probabilities pasted back (linear inside each
     leaf). Pixels under no leaf are background.
@@ -910,8 +924,11 @@ def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray
     Sequences: with ``context`` (px), the leaves of each ``context``-px square form one sequence
     (positions from the square's corner), so the model attends over about the area it was trained
     on whatever the image size; squares run in padded batches of about ``batch_tokens`` tokens.
-    Without it, the whole image is one sequence, or, past ``max_sequence`` leaves, consecutive
-    Z-order chunks with positions from their own corner (rounded down to ``relative_to``).
+    With several ``shifts`` (px) the squares are laid out once per shift (the grid moved left and
+    up by it) and each leaf's probabilities averaged over them, so no object is seen only cut by
+    a square's border. Without ``context``, the whole image is one sequence, or, past
+    ``max_sequence`` leaves, consecutive Z-order chunks with positions from their own corner
+    (rounded down to ``relative_to``).
     """
     cfg = model.cfg
     p, k = cfg.token_size, cfg.num_classes
@@ -922,7 +939,8 @@ def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray
         norm = Normalisation(**{key: tuple(v) for key, v in card.normalisation.items()})
         was_training = model.training
         model.eval()
-        seqs = _sequences(leaves, max_sequence, context, relative_to)
+        grids = list(shifts) if context else [0]
+        seqs = [seq for shift in grids for seq in _sequences(leaves, max_sequence, context, relative_to, shift)]
         seqs.sort(key=lambda s: len(s[0]))  # similar lengths together: little padding
         batches: list[list[tuple[np.ndarray, float, float]]] = [[]]
         for seq in seqs:
@@ -946,7 +964,9 @@ def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray
                                    torch.from_numpy(m).to(device))  # (B, L, K, p, p)
                     out = logits.float().softmax(dim=2).permute(0, 1, 3, 4, 2).cpu().numpy()
                     for row, (idx, _, _) in enumerate(batch):
-                        probs[idx] = out[row, : len(idx)]
+                        probs[idx] += out[row, : len(idx)]
+            if len(grids) > 1:
+                probs /= len(grids)
         finally:
             model.train(was_training)
     out = detokenise(probs, leaves, (h, w), fill=0) if len(leaves) else np.zeros((h, w, k), np.float32)
