@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+import numpy as np
 import os
 import platform
 import subprocess
@@ -43,6 +45,42 @@ def run_segment(exe: str, slide: Path, model: Path, out: Path, patching: str, ex
             "stats": row["stats"], "geojson": str(Path(row["out_dir"]) / row["outputs"]["geojson"])}
 
 
+def seam_check(geojson: Path, manifest: Path) -> dict:
+    """Length of object outline lying exactly on the borders between the run's final blocks,
+    against the same measure on control lines 64 working px beside them (the leaf grid puts
+    outline on both alike). A seam (an object cut at a block border) adds outline on the borders
+    only; objects that came out whole leave the two about equal."""
+    import shapely
+    from shapely.geometry import LineString
+
+    from wsi_amr.geojson import read_geojson
+    from wsi_amr.inference import window_starts
+
+    doc = json.loads(manifest.read_text())
+    step = doc["steps"]["segment"]
+    ds, window, overlap = step["stats"]["downsample"], step["params"]["segment"]["window"], step["params"]["segment"]["overlap"]
+    w0, h0 = doc["slide"]["width"], doc["slide"]["height"]
+    bx, by = doc["slide"].get("bounds_offset") or (0, 0)
+    width, height = round(w0 / ds), round(h0 / ds)
+    xs, ys = window_starts(width, window, overlap)[1:], window_starts(height, window, overlap)[1:]
+    rings = shapely.boundary(np.array([o.geometry for o in read_geojson(geojson)], dtype=object))
+    tree = shapely.STRtree(rings)
+    mpp = doc["slide"].get("mpp_x") or 0.5
+
+    def on(shift: int) -> float:
+        lines = [LineString([((x + shift) * ds - bx, -1), ((x + shift) * ds - bx, h0 + 1)]) for x in xs]
+        lines += [LineString([(-1, (y + shift) * ds - by), (w0 + 1, (y + shift) * ds - by)]) for y in ys]
+        total = 0.0
+        for line in lines:
+            hits = tree.query(line, predicate="intersects")
+            if len(hits):
+                total += float(shapely.length(shapely.intersection(rings[hits], line)).sum())
+        return round(total * mpp, 1)
+
+    return {"outline_um": round(float(shapely.length(rings).sum()) * mpp), "block_borders": len(xs) + len(ys),
+            "on_block_borders_um": on(0), "on_lines_64px_before_um": on(-64), "on_lines_64px_after_um": on(64)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slide", type=Path, required=True)
@@ -64,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             ev = subprocess.run([exe, "evaluate", row["geojson"], str(args.reference), "--size", f"{w}x{h}",
                                  "--downsample", "4", "--json"], capture_output=True, text=True, check=True)
             row["dice"] = json.loads(ev.stdout.strip().splitlines()[-1])["mean_dice"]
+        row["seams"] = seam_check(Path(row["geojson"]), Path(row["geojson"]).parent / "manifest.json")
         print(json.dumps(row), flush=True)
         rows.append(row)
     if len(rows) == 2:

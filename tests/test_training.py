@@ -442,6 +442,27 @@ def test_geojson_with_invalid_geometry_is_repaired_or_skipped_with_a_warning(tmp
     assert (tmp_path / "run" / "best.safetensors").exists()
 
 
+def test_shifted_context_grids_are_averaged():
+    from wsi_amr.quadtree import uniform_leaves
+    from wsi_amr.training import context_blocks, predict_leaves
+
+    torch.manual_seed(0)
+    model = TokenSegmenter(SegmenterConfig(token_size=8, width=32, depth=1, heads=4)).eval()
+    card = ModelCard()
+    image = np.random.default_rng(1).integers(0, 255, (96, 160, 3), dtype=np.uint8)
+    leaves = uniform_leaves(image.shape[:2], 16)
+    blocks = context_blocks(leaves, 64, shift=32)  # squares start at -32, 32, 96, ...
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(len(leaves)))
+    for idx in blocks:
+        assert len({((int(x) + 32) // 64, (int(y) + 32) // 64) for x, y in zip(leaves.x[idx], leaves.y[idx])}) == 1
+    a = predict_leaves(model, card, image, leaves, context=64)
+    b = predict_leaves(model, card, image, leaves, context=64, shifts=(32,))
+    both = predict_leaves(model, card, image, leaves, context=64, shifts=(0, 32))
+    assert not np.allclose(a, b, atol=1e-4)  # the grids differ
+    np.testing.assert_allclose(both, (a + b) / 2, atol=1e-5)
+    np.testing.assert_allclose(predict_leaves(model, card, image, leaves, context=64, shifts=(0,)), a)
+
+
 def test_context_squares_partition_the_leaves_and_run_as_separate_sequences():
     from wsi_amr.training import context_blocks, predict_leaves
     from wsi_amr.quadtree import uniform_leaves
