@@ -5,8 +5,9 @@ Per slide: tissue (reused when current), then windows at the model's working mpp
 its tissue (or uniform leaves), the model on its tokens, the detokenised probabilities blended in
 the overlaps (:func:`wsi_amr.inference.blend_stream`), and the final blocks outlined on pixel
 edges and merged across blocks (:class:`wsi_amr.inference.SeamlessPolygons`). The next window is
-read on a second thread while the model works. Memory is bounded by the window and one overlap
-band across the slide's width.
+read, and its quadtree built, on a second thread while the model works, and finished blocks are
+outlined on a third. Memory is bounded by a few windows and one overlap band across the slide's
+width.
 """
 
 from __future__ import annotations
@@ -144,13 +145,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
         def tissue_of(b: Block) -> np.ndarray:
             return sample_mask(tm.mask, tm.downsample, ds, b)
 
-        def read(b: Block) -> tuple[np.ndarray | None, np.ndarray, float]:
+        def read(b: Block) -> tuple[np.ndarray | None, Any, np.ndarray, float, float]:
+            # On the read-ahead thread: the window's pixels and its quadtree (OpenCV releases the
+            # GIL), ready when the model comes to it.
             tissue = tissue_of(b)
             if not tissue.any():
-                return None, tissue, 0.0
+                return None, None, tissue, 0.0, 0.0
             t = time.perf_counter()
             rgb = slide.read_region(b.x * ds, b.y * ds, b.w, b.h, ds)
-            return rgb, tissue, time.perf_counter() - t
+            t_read = time.perf_counter() - t
+            t = time.perf_counter()
+            leaves = make_leaves(rgb, params, patching, tissue)
+            return rgb, leaves, tissue, t_read, time.perf_counter() - t
 
         done = 0
         waited = {"read": 0.0, "outline": 0.0}
@@ -182,16 +188,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
                         if nb not in pending:
                             pending[nb] = reader.submit(read, nb)
                     t = time.perf_counter()
-                    rgb, tissue, seconds = pending.pop(b).result()
+                    rgb, leaves, tissue, t_read, t_tree = pending.pop(b).result()
                     waited["read"] += time.perf_counter() - t
-                    timing["read"] += seconds
+                    timing["read"] += t_read
+                    timing["quadtree"] += t_tree
                     done += 1
                     ctx.progress(done, n_windows)
                     if rgb is None:
                         return None
-                    t = time.perf_counter()
-                    leaves = make_leaves(rgb, params, patching, tissue)
-                    timing["quadtree"] += time.perf_counter() - t
                     tokens["used"] += len(leaves)
                     tokens["adaptive" if patching == "adaptive" else "uniform"] += len(leaves)
                     if patching == "adaptive":
@@ -212,10 +216,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 while outlines:
                     outlines.popleft().result()
                 waited["outline"] += time.perf_counter() - t
-                # Blending: the loop's own time, less what it spent in the model and quadtree or
-                # waiting for reads and outlines.
-                timing["blend"] = (time.perf_counter() - t_loop - timing["model"] - timing["quadtree"]
-                                   - waited["read"] - waited["outline"])
+                # Blending: the loop's own time, less what it spent in the model or waiting for
+                # reads (with their quadtrees) and outlines.
+                timing["blend"] = (time.perf_counter() - t_loop - timing["model"] - waited["read"]
+                                   - waited["outline"])
             t = time.perf_counter()
             kept = finish_objects(seam, float(sp["simplify_um"]) / float(np.mean(mpp0)), float(sp["min_area_um2"]) / px_um2)
             timing["polygons"] += time.perf_counter() - t
@@ -250,9 +254,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "mpp": round(float(np.mean(mpp0)) * ds, 6),
         "downsample": round(ds, 6),
         **{f"seconds_{name}": round(v, 3) for name, v in timing.items()},
-        # Reading and outlining run on threads of their own beside the model: stages overlap,
-        # and their sum exceeds the total.
+        # Reading with the quadtree, and outlining, run on threads of their own beside the model:
+        # stages overlap, and their sum exceeds the total. waited_*: what the model's thread
+        # spent waiting for them.
         "seconds_total": round(time.perf_counter() - t_start, 3),
+        "seconds_waited_read": round(waited["read"], 3),
+        "seconds_waited_outline": round(waited["outline"], 3),
     }
     outputs = {"geojson": out_name, "overlay": OVERLAY_FILE}
     if sp.get("mask_tiff"):
