@@ -68,7 +68,7 @@ def run_chain(tmp_path: Path, labels: np.ndarray, k: int, *, probs: np.ndarray |
         predicted[b.y:b.y + b.h, b.x:b.x + b.w] = True
         return probs[b.y:b.y + b.h, b.x:b.x + b.w].copy()  # fresh: blend_stream weights it in place
 
-    seam = SeamlessPolygons(scale=scale, offset=offset)
+    seam = SeamlessPolygons(scale=scale, offset=offset, simplify=simplify, min_area=min_area)
     tiled = np.zeros((h, w), np.int32)
     blocks = []
     for block, p, _ in blend_stream(w, h, WINDOW, OVERLAP, k, predict):
@@ -76,7 +76,7 @@ def run_chain(tmp_path: Path, labels: np.ndarray, k: int, *, probs: np.ndarray |
         blocks.append(block)
         seam.add(block, class_map(p), p)
     assert (tiled == 1).all(), "final blocks must tile the image"
-    objects = finish_objects(seam, simplify, min_area)
+    objects = finish_objects(seam)
     out = tmp_path / stem
     out.mkdir(parents=True, exist_ok=True)
     plain, gz = out / f"{stem}.geojson", out / f"{stem}.geojson.gz"
@@ -510,7 +510,7 @@ def test_ulp_seams_between_blocks_do_not_split_objects():
         for x in range(0, 200, STRIDE):
             b = Block(x, 0, min(STRIDE, 200 - x), 10)
             seam.add(b, labels[:, b.x:b.x + b.w])
-        polys = [p for p, _ in finish_objects(seam, 0, 0)[1]]
+        polys = [p for p, _ in finish_objects(seam)[1]]
         assert len(polys) == 1, f"scale {scale}: {[round(p.area / scale**2, 6) for p in polys]} px"
 
 
@@ -640,7 +640,8 @@ def test_simplify_and_min_area(tmp_path, scale):
     offset = (3.0, 4.0)
     chain = run_chain(tmp_path, labels, 3, scale=scale, offset=offset, simplify=simplify, min_area=min_area,
                       px_um2=0.25)
-    original = chain.seam.finish()
+    # The same chain without simplifying or dropping: the exact outlines.
+    original = run_chain(tmp_path / "exact", labels, 3, scale=scale, offset=offset, px_um2=0.25).objects
     for label in (1, 2):
         mask = labels == label
         n, comp = components4(mask)

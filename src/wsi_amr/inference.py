@@ -187,14 +187,33 @@ class SeamlessPolygons:
     unions them per class, so a gland cut by two windows is one polygon, maps every polygon to
     output coordinates (``x * scale + offset``, once, after the union: mapped first, a border
     shared by two blocks could land one ulp apart on each side at scales like 1.24) and returns
-    every class's polygons with their mean class probability. Interior pieces are final at once;
-    only border pieces wait (a thin band of any slide), so memory follows the objects on window
-    borders, not the slide."""
+    every class's polygons with their mean class probability.
+
+    Objects under ``min_area`` (output units squared, measured on the exact outline) are
+    dropped and the rest simplified with tolerance ``simplify`` (output units, topology kept) as
+    soon as they are final: interior pieces at once, kept as compact WKB, border pieces after
+    their union. Only border pieces wait whole (a thin band of any slide), so memory follows the
+    objects on window borders and the simplified outlines, not the slide's pixels."""
 
     scale: float = 1.0
     offset: tuple[float, float] = (0.0, 0.0)
-    done: dict[int, list[tuple[Polygon, float, int]]] = field(default_factory=dict)
+    simplify: float = 0.0
+    min_area: float = 0.0
+    done: dict[int, list[tuple[bytes, float, int]]] = field(default_factory=dict)
     waiting: dict[int, list[tuple[Polygon, float, int]]] = field(default_factory=dict)
+
+    def _final(self, polys: list[Polygon] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kept mask, kept polygons simplified) of final polygons in working px."""
+        polys = np.asarray(polys, dtype=object)
+        keep = shapely.area(polys) * self.scale**2 >= self.min_area if self.min_area > 0 else np.ones(len(polys), bool)
+        kept = polys[keep]
+        if self.simplify > 0 and len(kept):
+            kept = shapely.simplify(kept, self.simplify / self.scale, preserve_topology=True)
+            empty = shapely.is_empty(kept)
+            if empty.any():
+                keep[np.flatnonzero(keep)[empty]] = False
+                kept = kept[~empty]
+        return keep, kept
 
     def add(self, block: Block, labels: np.ndarray, probs: np.ndarray | None = None) -> None:
         ox, oy = float(block.x), float(block.y)
@@ -222,17 +241,27 @@ class SeamlessPolygons:
                 ids = comp[py, px]
                 sums, counts = comp_sums[ids], comp_counts[ids]
             touching = shapely.intersects(polys, edge)
-            for poly, waits, total, count in zip(polys, touching.tolist(), sums.tolist(), counts.tolist()):
-                (self.waiting if waits else self.done).setdefault(label, []).append((poly, total, count))
+            waits = np.flatnonzero(touching)
+            for i in waits.tolist():
+                self.waiting.setdefault(label, []).append((polys[i], float(sums[i]), int(counts[i])))
+            final = np.flatnonzero(~touching)
+            if len(final):
+                keep, kept = self._final([polys[i] for i in final.tolist()])
+                wkb = shapely.to_wkb(kept)
+                self.done.setdefault(label, []).extend(
+                    (b, float(sums[i]), int(counts[i])) for b, i in zip(wkb.tolist(), final[keep].tolist()))
 
     def finish(self) -> dict[int, list[tuple[Polygon, float | None]]]:
         """``{label: [(polygon, mean class probability or None), ...]}`` in label order."""
         out: dict[int, list[tuple[Polygon, float | None]]] = {}
         for label, pieces in self.done.items():
-            out.setdefault(label, []).extend((p, t / c if c else None) for p, t, c in pieces)
+            polys = shapely.from_wkb([b for b, _, _ in pieces])
+            out.setdefault(label, []).extend((p, t / c if c else None) for p, (_, t, c) in zip(polys.tolist(), pieces))
+        self.done = {}
         for label, pieces in self.waiting.items():
             polys = np.array([p for p, _, _ in pieces], dtype=object)
             group = touching_groups(polys)
+            merged_parts, means = [], []
             for g in np.unique(group).tolist():
                 members = np.flatnonzero(group == g)
                 merged = polys[members[0]] if len(members) == 1 else shapely.unary_union(polys[members])
@@ -247,8 +276,12 @@ class SeamlessPolygons:
                     for i, j in zip(members[piece_idx].tolist(), part_idx.tolist()):
                         totals[j] += pieces[i][1]
                         counts[j] += pieces[i][2]
-                out.setdefault(label, []).extend(
-                    (p, float(t / c) if c else None) for p, t, c in zip(parts, totals.tolist(), counts.tolist()))
+                merged_parts.extend(parts)
+                means.extend(float(t / c) if c else None for t, c in zip(totals.tolist(), counts.tolist()))
+            if merged_parts:
+                keep, kept = self._final(merged_parts)
+                out.setdefault(label, []).extend(zip(kept.tolist(), [m for m, k in zip(means, keep) if k]))
+        self.waiting = {}
         scale, offset = np.array([self.scale, self.scale]), np.asarray(self.offset, np.float64)
         for label, items in out.items():
             polys = shapely.orient_polygons(np.array([p for p, _ in items], dtype=object), exterior_cw=False)

@@ -67,18 +67,10 @@ def _class_overlay(thumb: np.ndarray, objects: dict[int, list[tuple[Any, float |
 Objects = dict[int, list[tuple[Any, float | None]]]
 
 
-def finish_objects(seam: SeamlessPolygons, simplify: float, min_area: float) -> Objects:
-    """The seam's objects per class (background dropped), simplified with tolerance ``simplify``
-    (output units, topology kept) and without those under ``min_area`` (output units squared,
-    measured before simplifying): ``{label: [(polygon, mean class probability), ...]}``."""
-    kept: Objects = {}
-    for label, items in seam.finish().items():
-        if label == 0:
-            continue
-        polys = [p for p, _ in items]
-        simple = shapely.simplify(polys, simplify, preserve_topology=True) if simplify > 0 else polys
-        kept[label] = [(s, m) for s, (p, m) in zip(simple, items) if p.area >= min_area and not s.is_empty]
-    return kept
+def finish_objects(seam: SeamlessPolygons) -> Objects:
+    """The seam's objects per class, background dropped: ``{label: [(polygon, mean class
+    probability), ...]}`` (simplified and filtered by area as the seam was told)."""
+    return {label: items for label, items in seam.finish().items() if label != 0 and items}
 
 
 def write_objects(path: Path, objects: Objects, names: list[str], colors: list[list[int]], object_type: str,
@@ -131,7 +123,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
         mpp0 = slide.mpp or (ASSUMED_MPP, ASSUMED_MPP)
         px_um2 = mpp0[0] * mpp0[1]  # per level-0 px^2
         bx, by = slide.bounds_offset
-        seam = SeamlessPolygons(scale=ds, offset=(-float(bx), -float(by)))
+        # Simplification tolerance (µm) and smallest object (µm^2) in level-0 px.
+        seam = SeamlessPolygons(scale=ds, offset=(-float(bx), -float(by)),
+                                simplify=float(sp["simplify_um"]) / float(np.mean(mpp0)),
+                                min_area=float(sp["min_area_um2"]) / px_um2)
         mask = None
         if sp.get("mask_tiff"):
             mask = LabelTiff(ctx.out_dir / MASK_FILE, width, height, float(np.mean(mpp0)) * ds,
@@ -221,7 +216,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 timing["blend"] = (time.perf_counter() - t_loop - timing["model"] - waited["read"]
                                    - waited["outline"])
             t = time.perf_counter()
-            kept = finish_objects(seam, float(sp["simplify_um"]) / float(np.mean(mpp0)), float(sp["min_area_um2"]) / px_um2)
+            kept = finish_objects(seam)
             timing["polygons"] += time.perf_counter() - t
 
             t = time.perf_counter()
