@@ -22,6 +22,7 @@ import shapely
 from shapely.geometry import LineString, shape
 
 from wsi_amr.geojson import GeoJSONError, read_geojson, validate_geojson
+from wsi_amr.inference import touching_groups
 from wsi_amr.inference import Block, SeamlessPolygons, blend_stream, class_map
 from wsi_amr.jobs.segment import finish_objects, write_objects
 from wsi_amr.polygons import rasterize_polygons
@@ -54,9 +55,11 @@ class Chain:
 def run_chain(tmp_path: Path, labels: np.ndarray, k: int, *, probs: np.ndarray | None = None,
               scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0), no_tissue=lambda b: False,
               simplify: float = 0.0, min_area: float = 0.0, names=NAMES, colors=COLORS,
-              object_type: str = "annotation", px_um2: float = 1.0, stem: str = "slide") -> Chain:
+              object_type: str = "annotation", px_um2: float = 1.0, stem: str = "slide",
+              flush: bool = True) -> Chain:
     """Blend windows cut from ``probs`` (one-hot ``labels`` by default; windows where ``no_tissue``
-    is true return None), outline, merge, finish and write both .geojson and .geojson.gz."""
+    is true return None), outline, merge (flushing finished rows as the command does, unless
+    ``flush`` is false), finish and write both .geojson and .geojson.gz."""
     h, w = labels.shape
     if probs is None:
         probs = np.eye(k, dtype=np.float32)[labels]
@@ -74,6 +77,8 @@ def run_chain(tmp_path: Path, labels: np.ndarray, k: int, *, probs: np.ndarray |
     for block, p, _ in blend_stream(w, h, WINDOW, OVERLAP, k, predict):
         tiled[block.y:block.y + block.h, block.x:block.x + block.w] += 1
         blocks.append(block)
+        if flush and block.x == 0 and block.y > 0:  # as the command does at each new row
+            seam.flush(block.y)
         seam.add(block, class_map(p), p)
     assert (tiled == 1).all(), "final blocks must tile the image"
     objects = finish_objects(seam)
@@ -673,3 +678,29 @@ def test_simplify_and_min_area(tmp_path, scale):
     assert line[0].bounds == pytest.approx((offset[0] + 10 * scale, offset[1] + 30 * scale,
                                             offset[0] + 190 * scale, offset[1] + 31 * scale))
     assert 0.4 * 180 * scale**2 <= line[0].area <= 180 * scale**2
+
+
+def test_flushing_finished_rows_changes_nothing_and_keeps_few_pieces_waiting(tmp_path):
+    labels, probs, _ = big_objects()
+    flushed = run_chain(tmp_path / "a", labels, 2, probs=probs, scale=ODD_SCALE, offset=ODD_OFFSET)
+    whole = run_chain(tmp_path / "b", labels, 2, probs=probs, scale=ODD_SCALE, offset=ODD_OFFSET, flush=False)
+
+    def canon(objects):
+        return sorted((round(p.area, 6), p.bounds, round(m, 6)) for p, m in objects[1])
+
+    assert canon(flushed.objects) == canon(whole.objects)
+    # Flushing before the last row leaves only pieces on the last row's top border waiting.
+    seam = SeamlessPolygons()
+    last_row = max(b.y for b in flushed.blocks)
+    for b in flushed.blocks:
+        if b.x == 0 and b.y > 0:
+            seam.flush(b.y)
+        if b.y < last_row:
+            seam.add(b, labels[b.y:b.y + b.h, b.x:b.x + b.w], probs[b.y:b.y + b.h, b.x:b.x + b.w])
+    before = len(seam.waiting.get(1, []))
+    seam.flush(last_row)
+    waiting = np.array([p for p, _, _ in seam.waiting.get(1, [])], dtype=object)
+    assert 0 < len(waiting) <= before
+    group = touching_groups(waiting)  # every piece still waiting is joined to one on that border
+    reaching = set(group[shapely.bounds(waiting)[:, 3] >= last_row].tolist())
+    assert set(group.tolist()) <= reaching

@@ -251,36 +251,69 @@ class SeamlessPolygons:
                 self.done.setdefault(label, []).extend(
                     (b, float(sums[i]), int(counts[i])) for b, i in zip(wkb.tolist(), final[keep].tolist()))
 
+    def flush(self, y: float) -> None:
+        """Blocks above working row ``y`` are all added (blocks come in raster order): join and
+        finish the waiting pieces that no later block can reach, those of groups with no piece
+        reaching down to ``y``. Keeps the waiting pieces to about one row of blocks."""
+        for label, pieces in list(self.waiting.items()):
+            polys = np.array([p for p, _, _ in pieces], dtype=object)
+            group = touching_groups(polys)
+            open_groups = np.unique(group[shapely.bounds(polys)[:, 3] >= y])
+            ready = ~np.isin(group, open_groups)
+            if not ready.any():
+                continue
+            idx = np.flatnonzero(ready)
+            parts, totals, counts = self._join([pieces[i] for i in idx.tolist()], polys[idx], group[idx])
+            if parts:
+                keep, kept = self._final(parts)
+                self.done.setdefault(label, []).extend(
+                    zip(shapely.to_wkb(kept).tolist(), np.asarray(totals)[keep].tolist(), np.asarray(counts)[keep].tolist()))
+            self.waiting[label] = [pieces[i] for i in np.flatnonzero(~ready).tolist()]
+
+    @staticmethod
+    def _join(pieces: list[tuple[Polygon, float, int]], polys: np.ndarray,
+              group: np.ndarray) -> tuple[list[Polygon], list[float], list[int]]:
+        """Union each group of touching pieces: the parts, and each part's sum of its class
+        probability and pixel count."""
+        merged_parts: list[Polygon] = []
+        all_totals: list[float] = []
+        all_counts: list[int] = []
+        for g in np.unique(group).tolist():
+            members = np.flatnonzero(group == g)
+            merged = polys[members[0]] if len(members) == 1 else shapely.unary_union(polys[members])
+            parts = polygonal_parts(merged)
+            totals, counts = np.zeros(len(parts)), np.zeros(len(parts), np.int64)
+            if len(parts) == 1:
+                totals[0] = sum(pieces[i][1] for i in members)
+                counts[0] = sum(pieces[i][2] for i in members)
+            else:
+                tree = shapely.STRtree(parts)
+                piece_idx, part_idx = tree.query(shapely.point_on_surface(polys[members]), predicate="within")
+                for i, j in zip(members[piece_idx].tolist(), part_idx.tolist()):
+                    totals[j] += pieces[i][1]
+                    counts[j] += pieces[i][2]
+            merged_parts.extend(parts)
+            all_totals.extend(totals.tolist())
+            all_counts.extend(counts.tolist())
+        return merged_parts, all_totals, all_counts
+
     def finish(self) -> dict[int, list[tuple[Polygon, float | None]]]:
-        """``{label: [(polygon, mean class probability or None), ...]}`` in label order."""
+        """``{label: [(polygon, mean class probability or None), ...]}`` in label order. Once:
+        the pieces are handed over, not kept."""
         out: dict[int, list[tuple[Polygon, float | None]]] = {}
         for label, pieces in self.done.items():
             polys = shapely.from_wkb([b for b, _, _ in pieces])
             out.setdefault(label, []).extend((p, t / c if c else None) for p, (_, t, c) in zip(polys.tolist(), pieces))
         self.done = {}
         for label, pieces in self.waiting.items():
+            if not pieces:
+                continue
             polys = np.array([p for p, _, _ in pieces], dtype=object)
-            group = touching_groups(polys)
-            merged_parts, means = [], []
-            for g in np.unique(group).tolist():
-                members = np.flatnonzero(group == g)
-                merged = polys[members[0]] if len(members) == 1 else shapely.unary_union(polys[members])
-                parts = polygonal_parts(merged)
-                totals, counts = np.zeros(len(parts)), np.zeros(len(parts), np.int64)
-                if len(parts) == 1:
-                    totals[0] = sum(pieces[i][1] for i in members)
-                    counts[0] = sum(pieces[i][2] for i in members)
-                else:
-                    tree = shapely.STRtree(parts)
-                    piece_idx, part_idx = tree.query(shapely.point_on_surface(polys[members]), predicate="within")
-                    for i, j in zip(members[piece_idx].tolist(), part_idx.tolist()):
-                        totals[j] += pieces[i][1]
-                        counts[j] += pieces[i][2]
-                merged_parts.extend(parts)
-                means.extend(float(t / c) if c else None for t, c in zip(totals.tolist(), counts.tolist()))
-            if merged_parts:
-                keep, kept = self._final(merged_parts)
-                out.setdefault(label, []).extend(zip(kept.tolist(), [m for m, k in zip(means, keep) if k]))
+            parts, totals, counts = self._join(pieces, polys, touching_groups(polys))
+            if parts:
+                keep, kept = self._final(parts)
+                means = [t / c if c else None for t, c, k in zip(totals, counts, keep) if k]
+                out.setdefault(label, []).extend(zip(kept.tolist(), means))
         self.waiting = {}
         scale, offset = np.array([self.scale, self.scale]), np.asarray(self.offset, np.float64)
         for label, items in out.items():

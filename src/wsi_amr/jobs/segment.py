@@ -160,6 +160,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             # On its own thread: tracing is single-threaded numpy/OpenCV/GEOS work that releases
             # the GIL, so it runs beside the model on the next window.
             t = time.perf_counter()
+            if block.x == 0 and block.y > 0:  # a new row: the rows above are complete
+                seam.flush(block.y)
             # Uncovered pixels are background in probs already (blend_stream sets them so).
             labels = class_map(probs)
             seam.add(block, labels, probs)
