@@ -2,7 +2,8 @@
 
 Data come from images with label masks (PNG; small ints 0..K-1, or binary 0/255) or from slides
 with QuPath GeoJSON annotations rasterised at the working mpp. Training draws random crops
-(working px), flips and rotates them, jitters their colour, splits each crop with the adaptive
+(working px), flips and rotates them, jitters their colour, gives some a margin of empty glass or
+a seam to another crop (what slides have and labelled images lack), splits each crop with the adaptive
 quadtree (or a uniform grid at the minimum leaf size: same model, same code path) and turns the
 leaves into tokens. Targets are the class fractions of each token's p x p cells (the one-hot label
 map tokenised like the image), so a large leaf that straddles a boundary is a soft target.
@@ -1306,7 +1307,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
             "command": cfg.command_line, "wsi_amr_version": __version__, "data": data.description,
             "steps": step, "total_steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "crop": cfg.crop, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "dice_weight": cfg.dice_weight,
-            "jitter": cfg.jitter, "best_val_dice": best_dice if best_dice >= 0 else None,
+            "jitter": cfg.jitter, "glass": cfg.glass, "mosaic": cfg.mosaic, "best_val_dice": best_dice if best_dice >= 0 else None,
             "best_step": best_step if best_dice >= 0 else None,
         }
 
