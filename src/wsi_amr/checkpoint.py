@@ -47,17 +47,24 @@ def file_sha256(path: Path) -> str:
 
 def save_checkpoint(path: str | Path, model: Any, card: Any) -> tuple[Path, Path]:
     """Write ``model`` (a :class:`~wsi_amr.segmentation.TokenSegmenter`) and ``card`` atomically."""
+    return save_model(path, model, FORMAT, VERSION, asdict(card))
+
+
+def save_model(path: str | Path, model: Any, fmt: str, version: int, fields_: dict[str, Any]) -> tuple[Path, Path]:
+    """``NAME.safetensors`` (the model's tensors, ``fmt`` in the metadata) and ``NAME.json``
+    (format, version, the model's ``cfg`` as its architecture, ``fields_``, the weights' name and
+    SHA-256), each written atomically. Returns both paths."""
     from safetensors.torch import save_file
 
     weights, config = checkpoint_paths(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+        save_file(state, str(tmp), metadata={"format": fmt, "version": str(version)})
     doc = {
-        "format": FORMAT,
-        "version": VERSION,
+        "format": fmt,
+        "version": version,
         "architecture": model.cfg.as_dict(),
-        **asdict(card),
+        **fields_,
         "weights": weights.name,
         "weights_sha256": file_sha256(weights),
     }
@@ -65,8 +72,9 @@ def save_checkpoint(path: str | Path, model: Any, card: Any) -> tuple[Path, Path
     return weights, config
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's JSON, checked for format and version."""
+def read_config(path: str | Path, fmt: str = FORMAT, version: int = VERSION,
+                kind: str = "segmentation") -> dict[str, Any]:
+    """The checkpoint's JSON, checked for format (``fmt``, a wsi-amr ``kind`` checkpoint) and version."""
     weights, config = checkpoint_paths(path)
     if not config.exists():
         raise CheckpointError(f"{config}: missing (a checkpoint is NAME.safetensors plus NAME.json)")
@@ -74,53 +82,73 @@ def read_config(path: str | Path) -> dict[str, Any]:
         doc = json.loads(config.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{config}: not readable JSON ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{config}: not a wsi-amr segmentation checkpoint (format {doc.get('format') if isinstance(doc, dict) else None!r})")
-    if doc.get("version") != VERSION:
-        raise CheckpointError(f"{config}: checkpoint version {doc.get('version')!r}; this wsi-amr reads version {VERSION}")
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise CheckpointError(f"{config}: not a wsi-amr {kind} checkpoint (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if doc.get("version") != version:
+        raise CheckpointError(f"{config}: {kind} checkpoint version {doc.get('version')!r}; this wsi-amr reads version {version}")
     return doc
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """Rebuild the model and its card from a checkpoint, refusing anything that does not match."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .segmentation import ModelCard, SegmenterConfig, TokenSegmenter
-
+def check_weights(path: str | Path, doc: dict[str, Any]) -> Path:
+    """The checkpoint's weights file: present, and matching the SHA-256 its JSON records."""
     weights, config = checkpoint_paths(path)
-    doc = read_config(path)
     if not weights.exists():
         raise CheckpointError(f"{weights}: missing weights for {config.name}")
     if doc.get("weights_sha256") and file_sha256(weights) != doc["weights_sha256"]:
         raise CheckpointError(f"{weights}: contents do not match the checksum in {config.name} (truncated or replaced?)")
-    arch_fields = {f.name for f in fields(SegmenterConfig)}
+    return weights
+
+
+def build_model(config: Path, doc: dict[str, Any], config_cls: Any, model_cls: Any) -> tuple[Any, Any]:
+    """``(cfg, model)`` from the JSON's ``architecture``: every field known to ``config_cls`` and
+    accepted by ``model_cls``, or one :class:`CheckpointError` line naming ``config``."""
+    known = {f.name for f in fields(config_cls)}
     arch = doc.get("architecture")
-    if not isinstance(arch, dict) or set(arch) - arch_fields:
-        raise CheckpointError(f"{config}: unknown architecture fields {sorted(set(arch or {}) - arch_fields)}")
+    if not isinstance(arch, dict) or set(arch) - known:
+        unknown = sorted(set(arch) - known) if isinstance(arch, dict) else arch
+        raise CheckpointError(f"{config}: unknown architecture fields {unknown}")
     try:
-        cfg = SegmenterConfig(**arch)
-        model = TokenSegmenter(cfg)
+        cfg = config_cls(**arch)
+        return cfg, model_cls(cfg)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{config}: invalid architecture ({exc})") from exc
-    try:
-        from safetensors import safe_open
 
+
+def load_weights(weights: Path, model: Any, fmt: str, kind: str, device: Any = "cpu") -> None:
+    """Load a safetensors file into ``model`` after checking it: readable, written for ``fmt``
+    (its metadata), and exactly the model's tensors with the model's shapes; otherwise one
+    :class:`CheckpointError` line naming the file (``kind`` says what was expected)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
         with safe_open(str(weights), "pt") as fh:
             meta = fh.metadata() or {}
-        state = load_file(str(weights), device=device)
+        state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{weights}: safetensors file is not a wsi-amr segmentation model")
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{weights}: safetensors file is not a wsi-amr {kind}")
     expected = model.state_dict()
-    missing, extra = set(expected) - set(state), set(state) - set(expected)
-    if missing or extra:
-        raise CheckpointError(f"{weights}: weights do not fit the architecture (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: weights do not fit the architecture "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{weights}: {key} has shape {tuple(state[key].shape)}, architecture needs {tuple(tensor.shape)}")
     model.load_state_dict(state)
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """Rebuild the model and its card from a checkpoint, refusing anything that does not match."""
+    from .segmentation import ModelCard, SegmenterConfig, TokenSegmenter
+
+    weights, config = checkpoint_paths(path)
+    doc = read_config(path)
+    check_weights(path, doc)
+    cfg, model = build_model(config, doc, SegmenterConfig, TokenSegmenter)
+    load_weights(weights, model, FORMAT, "segmentation model", device)
     card_fields = {f.name for f in fields(ModelCard)}
     card = ModelCard(**{k: v for k, v in doc.items() if k in card_fields})
     if len(card.class_names) != cfg.num_classes or len(card.class_colors) != cfg.num_classes:
