@@ -10,8 +10,9 @@ map tokenised like the image), so a large leaf that straddles a boundary is a so
 
 Runs are seeded (Python, numpy, torch) and resumable: ``OUT/last-state.*`` holds the weights,
 optimizer moments, RNG states and step as safetensors + JSON (nothing is pickled). Validation
-predicts whole images (quadtree on the whole image, detokenised) and scores Dice per class at full
-resolution; the best by foreground Dice is kept as ``OUT/best.safetensors/.json``.
+predicts whole images (quadtree on the whole image, attention within crop-sized squares as
+``wsi-amr segment`` runs it, detokenised) and scores Dice per class at full resolution; the best by
+foreground Dice is kept as ``OUT/best.safetensors/.json``.
 """
 
 from __future__ import annotations
@@ -999,16 +1000,21 @@ def dice_scores(counts: np.ndarray, class_names: Sequence[str]) -> tuple[dict[st
 
 
 def validate(model: TokenSegmenter, card: ModelCard, images: Sequence[LabelledImage],
-             params: QuadtreeParams, patching: str) -> dict[str, Any]:
-    """Dice per class at full resolution over whole validation images, pooled over pixels."""
+             params: QuadtreeParams, patching: str, context: int | None = None) -> dict[str, Any]:
+    """Dice per class at full resolution over whole validation images, pooled over pixels.
+
+    With ``context`` (px) the model attends within squares of that side, as ``wsi-amr segment``
+    runs it (training passes its crop size), so the best checkpoint is chosen the way it will be
+    used; without it each image is one sequence."""
     k = model.cfg.num_classes
     counts = np.zeros((k, 3), np.int64)
     tokens = 0
     t0 = time.perf_counter()
     for item in images:
-        pred, _, n = _predict(model, card, item.image, params, patching, None, MAX_SEQUENCE)
-        counts += dice_counts(pred, item.labels, k)
-        tokens += n
+        leaves = make_leaves(item.image, params, patching)
+        probs = predict_leaves(model, card, item.image, leaves, relative_to=params.max_size, context=context)
+        counts += dice_counts(probs.argmax(axis=2).astype(np.uint8), item.labels, k)
+        tokens += len(leaves)
     per, fg = dice_scores(counts, card.class_names)
     return {"val_dice": per, "val_foreground_dice": fg, "val_tokens_per_image": tokens / max(1, len(images)),
             "val_seconds": round(time.perf_counter() - t0, 3)}
@@ -1372,7 +1378,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
                         window.update(loss=0.0, ce=0.0, dice=0.0, tokens=0.0, n=0, data=0.0, t0=time.perf_counter())
                     if has_val and (step % cfg.val_every == 0 or step == cfg.steps):
                         card = make_card(cfg, data, training_info())
-                        last_val = validate(model, card, data.val, cfg.quadtree, cfg.patching)
+                        last_val = validate(model, card, data.val, cfg.quadtree, cfg.patching, cfg.crop)
                         improved = last_val["val_foreground_dice"] > best_dice
                         if improved:
                             best_dice, best_step = last_val["val_foreground_dice"], step
