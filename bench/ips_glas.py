@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % args.val_every == 0 or step == args.steps:
             v = scores(sorted(val))
             row = {"step": step, "loss": round(float(np.mean(losses[-args.val_every:])), 4), **{f"val_{k}": x for k, x in v.items()},
