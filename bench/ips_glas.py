@@ -6,7 +6,7 @@ A first real-data measurement for the IPS issue, before `wsi-amr train classify`
 ``train_*`` (a seeded validation split kept aside), reports testA accuracy, balanced accuracy and
 AUC, and the validation curve, as JSON lines.
 
-    python bench/ips_glas.py --steps 1500 --json bench/out/ips-glas.json
+    python bench/ips_glas.py --steps 400 --batch 8 --json bench/out/ips-glas.json
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=8, help="bags per optimisation step (gradients accumulated)")
     ap.add_argument("--val-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -98,16 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     losses = []
     for step in range(1, args.steps + 1):
         model.train()
-        n = train[int(rng.integers(len(train)))]
-        patches, label = bags[n]
-        patches = augment(patches)
-        logits, _ = select_then_forward(model, iter_chunks(patches, cfg.chunk, generator=gen),
-                                        patches_fn=lambda i, p=patches: p[i])
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([label]))
         opt.zero_grad()
-        loss.backward()
+        total = 0.0
+        for _ in range(args.batch):
+            n = train[int(rng.integers(len(train)))]
+            patches, label = bags[n]
+            patches = augment(patches)
+            logits, _ = select_then_forward(model, iter_chunks(patches, cfg.chunk, generator=gen),
+                                            patches_fn=lambda i, p=patches: p[i])
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([label])) / args.batch
+            loss.backward()
+            total += loss.item()
         opt.step()
-        losses.append(loss.item())
+        losses.append(total)
         if step % args.val_every == 0 or step == args.steps:
             v = scores(sorted(val))
             row = {"step": step, "loss": round(float(np.mean(losses[-args.val_every:])), 4), **{f"val_{k}": x for k, x in v.items()},
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 best, best_state = key, {k: t.clone() for k, t in model.state_dict().items()}
     model.load_state_dict(best_state)
     result = {"testA": scores(test), "train_bags": len(train), "val_bags": len(val), "test_bags": len(test),
-              "patch": args.patch, "memory": args.memory, "chunk": args.chunk, "steps": args.steps,
+              "patch": args.patch, "memory": args.memory, "chunk": args.chunk, "steps": args.steps, "batch": args.batch,
+              "lr": args.lr,
               "seconds": round(time.perf_counter() - t0, 1), "curve": out}
     print(json.dumps({"testA": result["testA"], "seconds": result["seconds"]}))
     if args.json:
