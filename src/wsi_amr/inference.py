@@ -17,6 +17,7 @@ apart and unions them at the end, so objects that cross windows come out whole.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -256,6 +257,8 @@ class SeamlessPolygons:
         finish the waiting pieces that no later block can reach, those of groups with no piece
         reaching down to ``y``. Keeps the waiting pieces to about one row of blocks."""
         for label, pieces in list(self.waiting.items()):
+            if not pieces:
+                continue
             polys = np.array([p for p, _, _ in pieces], dtype=object)
             group = touching_groups(polys)
             open_groups = np.unique(group[shapely.bounds(polys)[:, 3] >= y])
@@ -300,21 +303,12 @@ class SeamlessPolygons:
     def finish(self) -> dict[int, list[tuple[Polygon, float | None]]]:
         """``{label: [(polygon, mean class probability or None), ...]}`` in label order. Once:
         the pieces are handed over, not kept."""
+        self.flush(math.inf)  # no block is to come: every waiting group is complete
         out: dict[int, list[tuple[Polygon, float | None]]] = {}
         for label, pieces in self.done.items():
             polys = shapely.from_wkb([b for b, _, _ in pieces])
-            out.setdefault(label, []).extend((p, t / c if c else None) for p, (_, t, c) in zip(polys.tolist(), pieces))
-        self.done = {}
-        for label, pieces in self.waiting.items():
-            if not pieces:
-                continue
-            polys = np.array([p for p, _, _ in pieces], dtype=object)
-            parts, totals, counts = self._join(pieces, polys, touching_groups(polys))
-            if parts:
-                keep, kept = self._final(parts)
-                means = [t / c if c else None for t, c, k in zip(totals, counts, keep) if k]
-                out.setdefault(label, []).extend(zip(kept.tolist(), means))
-        self.waiting = {}
+            out[label] = [(p, t / c if c else None) for p, (_, t, c) in zip(polys.tolist(), pieces)]
+        self.done, self.waiting = {}, {}
         scale, offset = np.array([self.scale, self.scale]), np.asarray(self.offset, np.float64)
         for label, items in out.items():
             polys = shapely.orient_polygons(np.array([p for p, _ in items], dtype=object), exterior_cw=False)

@@ -75,26 +75,15 @@ def _box_levels(img: np.ndarray, p: int, largest: int) -> dict[int, np.ndarray]:
     while s <= largest:
         levels[s] = np.empty((h // s * p, w // s * p, c), np.float32)
         s *= 2
-    for y0 in range(0, h // largest * largest, largest):
+    for y0 in range(0, h, largest):  # the last strip may be shorter: it holds smaller leaves only
         level = img[y0:y0 + largest, : w // 2 * 2].astype(np.float32)
+        y1 = y0 + level.shape[0]
         s = p
-        while s < largest:
+        while s < largest and level.shape[0] >= 2:
             r, q = level.shape[0] // 2, level.shape[1] // 2
             level = cv2.resize(level[: 2 * r, : 2 * q], (q, r), interpolation=cv2.INTER_AREA).reshape(r, q, c)
             s *= 2
-            rows = largest // s * p  # this strip's rows of level s
-            cols = w // s * p
-            levels[s][y0 // s * p: y0 // s * p + rows] = level[:rows, :cols]
-    # Rows past the last whole strip: leaves there are smaller than ``largest``.
-    y0 = h // largest * largest
-    if y0 < h and h - y0 >= 2 * p:
-        level = img[y0:, : w // 2 * 2].astype(np.float32)
-        s = p
-        while 2 * s <= largest and level.shape[0] >= 2:
-            r, q = level.shape[0] // 2, level.shape[1] // 2
-            level = cv2.resize(level[: 2 * r, : 2 * q], (q, r), interpolation=cv2.INTER_AREA).reshape(r, q, c)
-            s *= 2
-            start, stop = y0 // s * p, h // s * p
+            start, stop = y0 // s * p, y1 // s * p  # this strip's rows of level s
             if stop > start:
                 levels[s][start:stop] = level[: stop - start, : w // s * p]
     return levels

@@ -865,7 +865,8 @@ def predict_image(
 
 @torch.no_grad()
 def _predict(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, params: QuadtreeParams | None,
-             patching: str | None, tissue: np.ndarray | None, max_sequence: int) -> tuple[np.ndarray, np.ndarray, int]:
+             patching: str | None, tissue: np.ndarray | None, max_sequence: int,
+             context: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
         raise ValueError(f"predict_image needs an RGB uint8 (H, W, 3) image, got {image_rgb.dtype} {image_rgb.shape}")
     card_params, card_mode = patching_from_card(card)
@@ -876,7 +877,8 @@ def _predict(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, para
     if max_sequence < 1:
         raise ValueError(f"max_sequence must be at least 1, got {max_sequence}")
     leaves = make_leaves(image_rgb, params, patching, tissue)
-    out = predict_leaves(model, card, image_rgb, leaves, max_sequence=max_sequence, relative_to=params.max_size)
+    out = predict_leaves(model, card, image_rgb, leaves, max_sequence=max_sequence, relative_to=params.max_size,
+                         context=context)
     return out.argmax(axis=2).astype(np.uint8), out, len(leaves)
 
 
@@ -1011,10 +1013,9 @@ def validate(model: TokenSegmenter, card: ModelCard, images: Sequence[LabelledIm
     tokens = 0
     t0 = time.perf_counter()
     for item in images:
-        leaves = make_leaves(item.image, params, patching)
-        probs = predict_leaves(model, card, item.image, leaves, relative_to=params.max_size, context=context)
-        counts += dice_counts(probs.argmax(axis=2).astype(np.uint8), item.labels, k)
-        tokens += len(leaves)
+        pred, _, n = _predict(model, card, item.image, params, patching, None, MAX_SEQUENCE, context)
+        counts += dice_counts(pred, item.labels, k)
+        tokens += n
     per, fg = dice_scores(counts, card.class_names)
     return {"val_dice": per, "val_foreground_dice": fg, "val_tokens_per_image": tokens / max(1, len(images)),
             "val_seconds": round(time.perf_counter() - t0, 3)}

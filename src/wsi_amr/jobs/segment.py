@@ -12,7 +12,6 @@ width.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +20,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import shapely
 
 from ..batch import EmptySlide, JobContext
 from ..checkpoint import load_checkpoint
@@ -33,7 +31,7 @@ from ..quadtree import uniform_token_count
 from ..slide import Resolution, open_slide
 from ..training import make_leaves, patching_from_card, predict_leaves
 from .quadtree import sample_mask
-from .tissue import ASSUMED_MPP, load_or_detect, overlay_image, tissue_params
+from .tissue import ASSUMED_MPP, load_or_detect, tissue_params
 
 OVERLAY_FILE = "overlay.png"
 MASK_FILE = "mask.tiff"
@@ -110,7 +108,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     context = context or None  # 0: the whole window is one sequence
     k = model.cfg.num_classes
     timing = {"read": 0.0, "tissue": 0.0, "quadtree": 0.0, "model": 0.0, "blend": 0.0, "polygons": 0.0, "write": 0.0}
-    tokens = {"adaptive": 0, "uniform": 0, "used": 0}
+    tokens = {"uniform": 0, "used": 0}
     cpu = {"quadtree": 0.0}
     with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
         t0 = time.perf_counter()
@@ -141,19 +139,21 @@ def run(ctx: JobContext) -> dict[str, Any]:
         def tissue_of(b: Block) -> np.ndarray:
             return sample_mask(tm.mask, tm.downsample, ds, b)
 
-        def read(b: Block) -> tuple[np.ndarray | None, Any, np.ndarray, float, float]:
+        def read(b: Block) -> tuple[np.ndarray | None, Any, int, float, float]:
             # On the read-ahead thread: the window's pixels and its quadtree (OpenCV releases the
-            # GIL), ready when the model comes to it.
+            # GIL), ready when the model comes to it; with the uniform token count to compare.
             tissue = tissue_of(b)
             if not tissue.any():
-                return None, None, tissue, 0.0, 0.0
+                return None, None, 0, 0.0, 0.0
             t = time.perf_counter()
             rgb = slide.read_region(b.x * ds, b.y * ds, b.w, b.h, ds)
             t_read = time.perf_counter() - t
             t, c = time.perf_counter(), time.thread_time()
             leaves = make_leaves(rgb, params, patching, tissue)
             cpu["quadtree"] += time.thread_time() - c
-            return rgb, leaves, tissue, t_read, time.perf_counter() - t
+            t_tree = time.perf_counter() - t
+            n_uniform = uniform_token_count(tissue.shape, params.min_size, tissue) if patching == "adaptive" else len(leaves)
+            return rgb, leaves, n_uniform, t_read, t_tree
 
         done = 0
         waited = {"read": 0.0, "outline": 0.0}
@@ -187,7 +187,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                         if nb not in pending:
                             pending[nb] = reader.submit(read, nb)
                     t = time.perf_counter()
-                    rgb, leaves, tissue, t_read, t_tree = pending.pop(b).result()
+                    rgb, leaves, n_uniform, t_read, t_tree = pending.pop(b).result()
                     waited["read"] += time.perf_counter() - t
                     timing["read"] += t_read
                     timing["quadtree"] += t_tree
@@ -196,9 +196,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                     if rgb is None:
                         return None
                     tokens["used"] += len(leaves)
-                    tokens["adaptive" if patching == "adaptive" else "uniform"] += len(leaves)
-                    if patching == "adaptive":
-                        tokens["uniform"] += uniform_token_count(tissue.shape, params.min_size, tissue)
+                    tokens["uniform"] += n_uniform
                     t = time.perf_counter()
                     probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size, context=context)
                     timing["model"] += time.perf_counter() - t
@@ -246,7 +244,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "dropped_invalid": report.dropped,
         "patching": patching,
         "tokens": tokens["used"],
-        "uniform_tokens": tokens["uniform"] if patching == "adaptive" else tokens["used"],
+        "uniform_tokens": tokens["uniform"],
         "token_reduction": (round(tokens["uniform"] / tokens["used"], 3)
                             if patching == "adaptive" and tokens["used"] else None),
         "windows": n_windows,
