@@ -83,16 +83,18 @@ class Setting:
     max_size: int
     token_size: int
     normalise: bool = True
+    edge_downsample: int = 1
 
     def params(self) -> QuadtreeParams:
         return QuadtreeParams(min_size=self.min_size, max_size=self.max_size, blur_kernel=self.blur,
                               canny_low=self.canny_low, canny_high=self.canny_high,
-                              split_threshold=self.threshold, normalise=self.normalise)
+                              split_threshold=self.threshold, normalise=self.normalise,
+                              edge_downsample=self.edge_downsample)
 
 
 def make_grid(blurs: Sequence[int], cannys: Sequence[tuple[float, float]], thresholds: Sequence[float],
               min_sizes: Sequence[int], max_sizes: Sequence[int], token_sizes: Sequence[int] | None,
-              count_thresholds: Sequence[float] = ()) -> list[Setting]:
+              count_thresholds: Sequence[float] = (), edge_downsamples: Sequence[int] = (1,)) -> list[Setting]:
     """Every combination; token size follows the min leaf size when ``token_sizes`` is None.
 
     ``thresholds`` are edge pixels per pixel (normalised); ``count_thresholds`` edge pixels per
@@ -100,11 +102,12 @@ def make_grid(blurs: Sequence[int], cannys: Sequence[tuple[float, float]], thres
     """
     split = [(t, True) for t in thresholds] + [(t, False) for t in count_thresholds]
     grid = []
-    for b, (lo, hi), (t, norm), mn, mx in itertools.product(blurs, cannys, split, min_sizes, max_sizes):
-        if mn > mx:
+    for b, (lo, hi), (t, norm), mn, mx, f in itertools.product(blurs, cannys, split, min_sizes, max_sizes,
+                                                                edge_downsamples):
+        if mn > mx or f > mn:
             continue
         for p in (token_sizes or [mn]):
-            grid.append(Setting(b, lo, hi, t, mn, mx, p, norm))
+            grid.append(Setting(b, lo, hi, t, mn, mx, p, norm, f))
     return grid
 
 
@@ -138,7 +141,7 @@ def measure_image(job: tuple[str, Path, list[Setting], bool]) -> tuple[np.ndarra
     image, masks, grid, oracle = job
     rgb, mask = load_pair(image, masks)
     truth = mask.astype(bool)
-    edges: dict[tuple[int, float, float], np.ndarray] = {}
+    edges: dict[tuple[int, float, float, int], np.ndarray] = {}
     round_trips: dict[tuple[bytes, int], float] = {}
 
     def round_trip(leaves: Leaves, token_size: int) -> float:
@@ -151,10 +154,12 @@ def measure_image(job: tuple[str, Path, list[Setting], bool]) -> tuple[np.ndarra
 
     out = np.zeros((len(grid), 3))
     for i, s in enumerate(grid):
-        key = (s.blur, s.canny_low, s.canny_high)
+        key = (s.blur, s.canny_low, s.canny_high, s.edge_downsample)
         if key not in edges:
-            edges[key] = mask_outline(mask) if oracle else edge_map(rgb, s.blur, s.canny_low, s.canny_high)
-        leaves = build_quadtree(edges[key], s.params())
+            f = s.edge_downsample
+            edges[key] = (mask_outline(mask[::f, ::f]) if oracle
+                          else edge_map(rgb, s.blur, s.canny_low, s.canny_high, f))
+        leaves = build_quadtree(edges[key], s.params(), shape=mask.shape)
         out[i] = (len(leaves), uniform_token_count(mask.shape, s.min_size), round_trip(leaves, s.token_size))
     refs = uniform_references(grid)
     ref = np.zeros((len(refs), 2))
@@ -194,6 +199,7 @@ def summarise(grid: list[Setting], per_image: np.ndarray, references: list[dict[
     for i, s in enumerate(grid):
         row = {
             "blur": s.blur, "canny_low": s.canny_low, "canny_high": s.canny_high, "threshold": s.threshold,
+            "edge_downsample": s.edge_downsample,
             "normalise": s.normalise, "min_size": s.min_size, "max_size": s.max_size, "token_size": s.token_size,
             # Tokens over the whole set; the mean of per-image ratios is inflated by the few images
             # whose tree barely splits, so it is reported but not used.
@@ -224,7 +230,7 @@ def format_references(references: list[dict[str, Any]]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], min_reduction: float, min_dice: float) -> str:
-    head = (f"{'blur':>4} {'canny':>7} {'thresh':>8} {'min':>3} {'max':>4} {'tok':>3} "
+    head = (f"{'f':>1} {'blur':>4} {'canny':>7} {'thresh':>8} {'min':>3} {'max':>4} {'tok':>3} "
             f"{'leaves':>7} {'uniform':>7} {'reduct':>7} {'geomean':>7} {'mean':>7} {'eq.dice':>11} "
             f"{'dice':>7} {'dice.min':>8}  flag")
     lines = [head, "-" * len(head)]
@@ -233,7 +239,7 @@ def format_table(rows: list[dict[str, Any]], min_reduction: float, min_dice: flo
         eq = (f"{r['reduction_equal_dice']:>5.1f}x@{r['equal_dice_leaf_size']:<4}" if r["equal_dice_leaf_size"]
               else f"{'-':>11}")
         lines.append(
-            f"{r['blur']:>4} {r['canny_low']:>3g}/{r['canny_high']:<3g} {_threshold(r):>8} {r['min_size']:>3} "
+            f"{r.get('edge_downsample', 1):>1} {r['blur']:>4} {r['canny_low']:>3g}/{r['canny_high']:<3g} {_threshold(r):>8} {r['min_size']:>3} "
             f"{r['max_size']:>4} {r['token_size']:>3} {r['leaves']:>7.0f} {r['uniform']:>7.0f} "
             f"{r['reduction']:>6.1f}x {r['reduction_geomean']:>6.1f}x {r['reduction_mean']:>6.1f}x {eq} "
             f"{r['dice']:>7.4f} {r['dice_min']:>8.4f}  {flag}"
@@ -277,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", default=DEFAULT_THRESHOLD, help="split thresholds (edge pixels per pixel)")
     ap.add_argument("--count-threshold", default=DEFAULT_COUNT_THRESHOLD,
                     help="split thresholds in edge pixels per node (normalise=False), comma-separated")
+    ap.add_argument("--edge-downsample", default="1", help="edge map downsampling factors (powers of two)")
     ap.add_argument("--min-size", default="8", help="min leaf sizes, px")
     ap.add_argument("--max-size", default="256", help="max leaf sizes, px")
     ap.add_argument("--token-size", default="", help="token sizes, px (default: the min leaf size)")
@@ -294,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     if not images:
         ap.error(f"no images match {args.images}")
     grid = make_grid(_ints(args.blur), _cannys(args.canny), _floats(args.threshold), _ints(args.min_size),
-                     _ints(args.max_size), _ints(args.token_size) or None, _floats(args.count_threshold))
+                     _ints(args.max_size), _ints(args.token_size) or None, _floats(args.count_threshold),
+                     _ints(args.edge_downsample))
     t0 = time.perf_counter()
     if args.oracle:
         grid = list({dataclasses.replace(g, blur=0, canny_low=0.0, canny_high=0.0): None for g in grid})

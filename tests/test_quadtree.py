@@ -28,7 +28,7 @@ def test_blank_image_gives_max_size_leaves_over_tissue_only():
     edges = np.zeros((256, 512), np.uint8)
     tissue = np.zeros_like(edges, bool)
     tissue[:, :200] = True  # covers roots 0 and 1 (of 64 px) fully, root 3 partly
-    p = QuadtreeParams(min_size=8, max_size=64, split_threshold=0.0)
+    p = QuadtreeParams(edge_downsample=1, min_size=8, max_size=64, split_threshold=0.0)
     leaves = build_quadtree(edges, p, tissue)
     assert (leaves.size == 64).all() and (leaves.depth == 0).all()
     assert sorted(set(leaves.x.tolist())) == [0, 64, 128, 192]
@@ -39,7 +39,7 @@ def test_blank_image_gives_max_size_leaves_over_tissue_only():
 def test_straight_edge_refines_only_along_the_edge():
     edges = np.zeros((256, 256), np.uint8)
     edges[:, 100] = 1  # a vertical line at x = 100
-    p = QuadtreeParams(min_size=4, max_size=64, split_threshold=0.0)
+    p = QuadtreeParams(edge_downsample=1, min_size=4, max_size=64, split_threshold=0.0)
     leaves = build_quadtree(edges, p)
     small = leaves.size == 4
     assert small.any()
@@ -57,8 +57,8 @@ def test_straight_edge_refines_only_along_the_edge():
 def test_threshold_normalised_by_area_means_the_same_at_every_size():
     edges = np.zeros((128, 128), np.uint8)
     edges[::4, :] = 1  # density 0.25 everywhere
-    split = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, split_threshold=0.2, normalise=True))
-    keep = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, split_threshold=0.3, normalise=True))
+    split = build_quadtree(edges, QuadtreeParams(edge_downsample=1, min_size=8, max_size=128, split_threshold=0.2, normalise=True))
+    keep = build_quadtree(edges, QuadtreeParams(edge_downsample=1, min_size=8, max_size=128, split_threshold=0.3, normalise=True))
     assert (split.size == 8).all() and (keep.size == 128).all()
 
 
@@ -66,7 +66,7 @@ def test_threshold_normalised_by_area_means_the_same_at_every_size():
 def test_budget_mode_returns_the_requested_number_of_tokens(budget):
     rng = np.random.default_rng(budget)
     edges = (rng.random((512, 512)) < 0.05).astype(np.uint8)
-    p = QuadtreeParams(min_size=4, max_size=128, max_tokens=budget)
+    p = QuadtreeParams(edge_downsample=1, min_size=4, max_size=128, max_tokens=budget)
     leaves = build_quadtree(edges, p)
     roots = 16
     if budget <= roots:
@@ -82,7 +82,7 @@ def test_budget_mode_returns_the_requested_number_of_tokens(budget):
 def test_budget_mode_splits_the_most_detailed_leaf_first():
     edges = np.zeros((256, 256), np.uint8)
     edges[10:20, 10:20] = 1  # detail in the top-left root only
-    leaves = build_quadtree(edges, QuadtreeParams(min_size=8, max_size=128, max_tokens=7))
+    leaves = build_quadtree(edges, QuadtreeParams(edge_downsample=1, min_size=8, max_size=128, max_tokens=7))
     assert len(leaves) == 7
     top_left = (leaves.x < 128) & (leaves.y < 128)
     assert top_left.sum() == 4 and (leaves.size[top_left] == 64).all()
@@ -90,18 +90,18 @@ def test_budget_mode_splits_the_most_detailed_leaf_first():
 
 def test_budget_larger_than_possible_gives_every_min_size_leaf():
     edges = np.ones((64, 64), np.uint8)
-    leaves = build_quadtree(edges, QuadtreeParams(min_size=16, max_size=64, max_tokens=10_000))
+    leaves = build_quadtree(edges, QuadtreeParams(edge_downsample=1, min_size=16, max_size=64, max_tokens=10_000))
     assert len(leaves) == 16 and (leaves.size == 16).all()
 
 
 def test_leaves_come_in_z_order():
     edges = np.ones((64, 64), np.uint8)
-    leaves = build_quadtree(edges, QuadtreeParams(min_size=16, max_size=64, split_threshold=0.0))
+    leaves = build_quadtree(edges, QuadtreeParams(edge_downsample=1, min_size=16, max_size=64, split_threshold=0.0))
     got = list(zip(leaves.x.tolist(), leaves.y.tolist()))
     assert got[:8] == [(0, 0), (16, 0), (0, 16), (16, 16), (32, 0), (48, 0), (32, 16), (48, 16)]
     mixed = np.zeros((128, 128), np.uint8)
     mixed[:64, 64:] = 1  # only the top-right root splits
-    leaves = build_quadtree(mixed, QuadtreeParams(min_size=32, max_size=64, split_threshold=0.0))
+    leaves = build_quadtree(mixed, QuadtreeParams(edge_downsample=1, min_size=32, max_size=64, split_threshold=0.0))
     assert list(zip(leaves.x.tolist(), leaves.y.tolist(), leaves.size.tolist())) == [
         (0, 0, 64), (64, 0, 32), (96, 0, 32), (64, 32, 32), (96, 32, 32), (0, 64, 64), (64, 64, 64)]
 
@@ -118,7 +118,7 @@ def test_leaves_tile_the_tissue_with_no_gap_and_no_overlap():
     edges = (rng.random((h, w)) < 0.02).astype(np.uint8)
     yy, xx = np.mgrid[0:h, 0:w]
     tissue = (xx - 200) ** 2 + (yy - 150) ** 2 < 130**2
-    leaves = build_quadtree(edges, QuadtreeParams(min_size=4, max_size=64, split_threshold=0.01), tissue)
+    leaves = build_quadtree(edges, QuadtreeParams(edge_downsample=1, min_size=4, max_size=64, split_threshold=0.01), tissue)
     cov = coverage(leaves, (h, w))
     assert cov.max() == 1  # no overlap
     assert (cov[:h, :w][tissue] == 1).all()  # no gap over tissue
@@ -129,7 +129,7 @@ def test_leaves_tile_the_tissue_with_no_gap_and_no_overlap():
 
 def test_empty_tissue_mask_gives_no_leaves():
     edges = np.ones((64, 64), np.uint8)
-    assert len(build_quadtree(edges, QuadtreeParams(min_size=8, max_size=32), np.zeros((64, 64), bool))) == 0
+    assert len(build_quadtree(edges, QuadtreeParams(edge_downsample=1, min_size=8, max_size=32), np.zeros((64, 64), bool))) == 0
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -148,7 +148,7 @@ def test_bad_parameters_are_refused(kwargs, needle):
 
 def test_tissue_of_the_wrong_size_is_refused():
     with pytest.raises(QuadtreeError, match="tissue mask"):
-        build_quadtree(np.zeros((64, 64), np.uint8), QuadtreeParams(), np.ones((32, 64), bool))
+        build_quadtree(np.zeros((64, 64), np.uint8), QuadtreeParams(edge_downsample=1), np.ones((32, 64), bool))
 
 
 def test_edge_map_finds_a_step():

@@ -14,7 +14,7 @@ import pytest
 from conftest import invoke, real_slides, textured, write_pyramid_tiff
 from wsi_amr.jobs.quadtree import Window, sample_mask
 from wsi_amr.jobs.tissue import detect_slide_tissue
-from wsi_amr.quadtree import QuadtreeParams, build_quadtree, edge_map, uniform_token_count
+from wsi_amr.quadtree import QuadtreeParams, build_quadtree, params_edge_map, uniform_token_count
 from wsi_amr.slide import Resolution, Slide, open_slide
 from wsi_amr.tissue import TissueParams
 
@@ -62,7 +62,7 @@ def whole_image_leaves(path: Path, mpp: float, params: QuadtreeParams):
         rgb = slide.read_region(0, 0, w, h, ds)
         tm = detect_slide_tissue(slide, TissueParams())
     tissue = sample_mask(tm.mask, tm.downsample, ds, Window(0, 0, w, h))
-    edges = edge_map(rgb, params.blur_kernel, params.canny_low, params.canny_high)
+    edges = params_edge_map(rgb, params)
     leaves = build_quadtree(edges, params, tissue)
     return leaves, uniform_token_count((h, w), params.min_size, tissue), ds, edges
 
@@ -112,9 +112,11 @@ def test_outputs_h5_layout_and_stats_on_a_synthetic_slide(runner, detail_slide, 
 
 
 @pytest.mark.parametrize("mpp", [0.5, 1.0])
-def tree_params(normalise: bool, split_threshold: float = 0.0, max_tokens: int | None = None) -> QuadtreeParams:
+def tree_params(normalise: bool, split_threshold: float = 0.0, max_tokens: int | None = None,
+                edge_downsample: int = QuadtreeParams.edge_downsample) -> QuadtreeParams:
     return QuadtreeParams(min_size=8, max_size=128, blur_kernel=3, canny_low=100, canny_high=200,
-                          normalise=normalise, split_threshold=split_threshold, max_tokens=max_tokens)
+                          normalise=normalise, split_threshold=split_threshold, max_tokens=max_tokens,
+                          edge_downsample=edge_downsample)
 
 
 # The budget stops before every detailed leaf is at --min-size: past that point the splits are
@@ -124,7 +126,8 @@ def tree_params(normalise: bool, split_threshold: float = 0.0, max_tokens: int |
     ([*TREE, "--split-threshold", "0.004"], tree_params(True, 0.004)),
     ([*COUNTS, "--split-threshold", "20"], tree_params(False, 20)),
     ([*TREE, "--max-tokens", "1000"], tree_params(True, max_tokens=1000)),
-], ids=["threshold-per-pixel", "threshold-counts", "budget-per-pixel"])
+    ([*COUNTS, "--split-threshold", "40", "--edge-downsample", "1"], tree_params(False, 40, edge_downsample=1)),
+], ids=["threshold-per-pixel", "threshold-counts", "budget-per-pixel", "full-resolution-edges"])
 def test_windowed_leaves_equal_one_tree_over_the_whole_image(runner, detail_slide, tmp_path, mpp, args, params):
     res = invoke(runner, "quadtree", detail_slide, "-o", tmp_path / "out", *args, "--mpp", str(mpp),
                  "--window", "256", "--json")
@@ -161,10 +164,10 @@ def test_budget_of_edge_counts_differs_from_one_tree_only_among_tied_leaves(runn
     # Edge counts tie often; where the budget runs out inside a group of equal counts, the windows
     # and the single tree may pick different members of the group, nothing else.
     res = invoke(runner, "quadtree", detail_slide, "-o", tmp_path / "out", *COUNTS, "--max-tokens", "1000",
-                 "--window", "256", "--json")
+                 "--window", "256", "--edge-downsample", "1", "--json")
     assert res.exit_code == 0, res.stderr
     data, _ = read_h5(tmp_path / "out" / "detail" / "quadtree.h5")
-    ref, _, _, edges = whole_image_leaves(detail_slide, 0.5, tree_params(False, max_tokens=1000))
+    ref, _, _, edges = whole_image_leaves(detail_slide, 0.5, tree_params(False, max_tokens=1000, edge_downsample=1))
     assert 998 <= len(data["leaves"]) <= 1000 and 998 <= len(ref) <= 1000
     got, want = split_scores(data["leaves"], edges, 128), split_scores(ref.boxes(), edges, 128)
     cut = want[-1]
@@ -187,7 +190,8 @@ def test_windows_are_read_one_at_a_time_within_the_margin(runner, detail_slide, 
     # Tissue detection reads coarser; the overlay reads the whole (small) slide.
     working = [r for r in reads if r[2] == 1.0 and r[:2] != (1700, 1500)]
     assert len(working) == stats["windows_read"]
-    assert max(w * h for w, h, _ in working) <= (256 + 2 * 17) ** 2
+    # Margin: 16 px plus half the blur (3 px), rounded up to a multiple of the edge downsampling (2).
+    assert max(w * h for w, h, _ in working) <= (256 + 2 * 18) ** 2
 
 
 def test_no_tissue_covers_the_whole_slide(runner, rect_slide, tmp_path):

@@ -83,6 +83,9 @@ MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", help="Budget m
 BlurKernel = Annotated[int, typer.Option("--blur", help="Gaussian blur before Canny, px (odd; 0 or 1: none).")]
 CannyLow = Annotated[float, typer.Option("--canny-low", help="Canny lower hysteresis threshold.")]
 CannyHigh = Annotated[float, typer.Option("--canny-high", help="Canny upper hysteresis threshold.")]
+EdgeDownsample = Annotated[int, typer.Option("--edge-downsample", help="Find edges at 1/N resolution (power of "
+                                             "two, at most --min-size): blur and Canny cost 1/N^2; edge "
+                                             "counts, and --split-threshold, are at that resolution.")]
 WindowSize = Annotated[int, typer.Option("--window", help="Process the slide in windows of this many working px "
                                      "(a multiple of --max-size); bounds memory.")]
 
@@ -333,6 +336,7 @@ def quadtree(
     blur: BlurKernel = QuadtreeParams.blur_kernel,
     canny_low: CannyLow = QuadtreeParams.canny_low,
     canny_high: CannyHigh = QuadtreeParams.canny_high,
+    edge_downsample: EdgeDownsample = QuadtreeParams.edge_downsample,
     window: WindowSize = DEFAULT_WINDOW,
     mask: Annotated[Optional[Path], typer.Option(
         "--mask", help="Reference labels to check the leaves against: a label image (PNG/TIFF) of the "
@@ -362,7 +366,7 @@ def quadtree(
     mpp, magnification = _working_resolution(mpp, magnification)
     params = QuadtreeParams(min_size=min_size, max_size=max_size, blur_kernel=blur, canny_low=canny_low,
                             canny_high=canny_high, split_threshold=split_threshold, normalise=normalise,
-                            max_tokens=max_tokens)
+                            max_tokens=max_tokens, edge_downsample=edge_downsample)
     try:
         params.validate()
     except QuadtreeError as exc:

@@ -80,6 +80,8 @@ SplitThreshold = Annotated[float, typer.Option("--split-threshold", help="Split 
                                                "this: Canny edge pixels in it (per pixel when the quadtree "
                                                "normalises by area).")]
 Blur = Annotated[int, typer.Option("--blur", help="Gaussian kernel before Canny (odd px; 0 or 1: none).")]
+EdgeDownsample = Annotated[int, typer.Option("--edge-downsample", help="Quadtree edges at 1/N resolution (power "
+                                             "of two; --split-threshold counts edge pixels there).")]
 Crop = Annotated[int, typer.Option("--crop", help="Training crop side, working px (smaller images are padded).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Crops per optimisation step.")]
 Steps = Annotated[int, typer.Option("--steps", help="Optimisation steps: the training budget (compare "
@@ -185,6 +187,7 @@ def segment(
     max_size: MaxSize = _QT.max_size,
     split_threshold: SplitThreshold = _QT.split_threshold,
     blur: Blur = _QT.blur_kernel,
+    edge_downsample: EdgeDownsample = _QT.edge_downsample,
     crop: Crop = 256,
     batch_size: BatchSize = 8,
     steps: Steps = 1000,
@@ -229,7 +232,7 @@ def segment(
     try:
         params = QuadtreeParams(min_size=min_size, max_size=max_size, split_threshold=split_threshold,
                                 blur_kernel=blur, canny_low=_QT.canny_low, canny_high=_QT.canny_high,
-                                normalise=_QT.normalise)
+                                normalise=_QT.normalise, edge_downsample=edge_downsample)
     except (TypeError, ValueError) as exc:
         _fail_usage(str(exc))
     cfg = TrainConfig(

@@ -36,18 +36,25 @@ class QuadtreeParams:
     """Quadtree settings. Sizes in working pixels (powers of two)."""
 
     # Defaults: the GlaS testA operating point at its native ~0.62 µm/px (bench/tune_quadtree.py,
-    # docs/benchmarks.md): 23.7x fewer tokens than uniform 8-px patches, round-trip gland Dice
-    # 0.9945 with 8-px tokens (linear detokenising); on GlaS train, not used to choose it: 22.7x, 0.9949.
+    # docs/benchmarks.md): 23.2x fewer tokens than uniform 8-px patches, round-trip gland Dice
+    # 0.9946 with 8-px tokens (linear detokenising); on GlaS train, not used to choose it: 21.6x,
+    # 0.9952 at threshold 96. Edges at half resolution: blur and Canny cost a quarter of the full-
+    # resolution point (blur 21, Canny 30/60, 192 edge px: 23.7x, 0.9945), with the same leaves'
+    # quality. Model cards written before edge_downsample existed mean 1 (patching_from_card).
     min_size: int = 8
     max_size: int = 256
-    blur_kernel: int = 21  # Gaussian kernel (odd); 0 or 1: no blur. Wide, so nuclei blur away and gland borders stay
-    canny_low: float = 30.0  # low, as the wide blur leaves the borders soft
-    canny_high: float = 60.0
-    split_threshold: float = 192.0  # edge pixels per pixel when normalise, else edge pixels
+    blur_kernel: int = 21  # Gaussian kernel (odd) at full resolution; 0 or 1: no blur. Wide, so nuclei blur away and gland borders stay
+    canny_low: float = 60.0  # on the half-resolution image, whose gradients per pixel are twice as steep
+    canny_high: float = 120.0
+    split_threshold: float = 104.0  # edge pixels per pixel when normalise, else edge pixels (at edge resolution)
     # Counts: a border stops splitting at ~32-px leaves. Per pixel, a border's density grows as the
     # node shrinks, so it splits down to min_size or not at all.
     normalise: bool = False
     max_tokens: int | None = None  # budget mode when set
+    # Edges found on the image area-averaged by this factor (a power of two, at most min_size),
+    # with the blur narrowed to match: 4x fewer pixels for blur and Canny per halving. Detail
+    # (and split_threshold) then counts edge pixels at that resolution. 1: full resolution.
+    edge_downsample: int = 2
 
     def validate(self) -> None:
         if not is_power_of_two(self.min_size):
@@ -64,6 +71,9 @@ class QuadtreeParams:
             raise QuadtreeError(f"--split-threshold must not be negative, got {self.split_threshold}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise QuadtreeError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if not is_power_of_two(self.edge_downsample) or self.edge_downsample > self.min_size:
+            raise QuadtreeError(f"--edge-downsample must be a power of two no larger than --min-size "
+                                f"({self.min_size}), got {self.edge_downsample}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,19 +112,42 @@ class Leaves:
         return Leaves(z, z.copy(), z.copy(), np.zeros(0, np.int16), np.zeros(0, np.float32))
 
 
-def edge_map(rgb: np.ndarray, blur_kernel: int = 3, low: float = 100.0, high: float = 200.0) -> np.ndarray:
+def blur_sigma(kernel: int) -> float:
+    """The Gaussian sigma OpenCV derives from an odd kernel size (sigma 0)."""
+    return 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
+
+
+def edge_map(rgb: np.ndarray, blur_kernel: int = 3, low: float = 100.0, high: float = 200.0,
+             downsample: int = 1) -> np.ndarray:
     """Canny edges (uint8, 1 on an edge) of an RGB or grey uint8 image, after a Gaussian blur.
 
     As the APF authors do: grey image, Gaussian blur with sigma derived from the kernel size,
-    Canny with thresholds ``low``/``high``.
+    Canny with thresholds ``low``/``high``. With ``downsample`` f > 1 the grey image is first
+    area-averaged by f (its far edges padded by replication to a multiple of f) and blurred with
+    sigma / f over a kernel about 1 / f as wide, so the edges are those of the same blurred image
+    at 1 / f the resolution: the map is (ceil(H / f), ceil(W / f)).
     """
     if rgb.dtype != np.uint8:
         raise QuadtreeError("edge_map expects a uint8 image")
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb
-    if blur_kernel > 1:
+    if downsample > 1:
+        h, w = grey.shape
+        ph, pw = -h % downsample, -w % downsample
+        if ph or pw:
+            grey = cv2.copyMakeBorder(grey, 0, ph, 0, pw, cv2.BORDER_REPLICATE)
+        grey = cv2.resize(grey, ((w + pw) // downsample, (h + ph) // downsample), interpolation=cv2.INTER_AREA)
+        if blur_kernel > 1:
+            k = (blur_kernel // downsample) | 1
+            grey = cv2.GaussianBlur(grey, (k, k), blur_sigma(blur_kernel) / downsample)
+    elif blur_kernel > 1:
         grey = cv2.GaussianBlur(grey, (blur_kernel, blur_kernel), 0)
     edges = cv2.Canny(grey, low, high)
     return (edges > 0).astype(np.uint8)
+
+
+def params_edge_map(rgb: np.ndarray, params: QuadtreeParams) -> np.ndarray:
+    """:func:`edge_map` with a quadtree's blur, Canny thresholds and edge downsampling."""
+    return edge_map(rgb, params.blur_kernel, params.canny_low, params.canny_high, params.edge_downsample)
 
 
 #: Largest cell side whose pixel counts cv2's area resize gives exactly (16 is not: tests check).
@@ -179,27 +212,35 @@ def morton_order(x: np.ndarray, y: np.ndarray, unit: int) -> np.ndarray:
 
 
 def build_quadtree(
-    edges: np.ndarray, params: QuadtreeParams = QuadtreeParams(), tissue: np.ndarray | None = None
+    edges: np.ndarray, params: QuadtreeParams = QuadtreeParams(), tissue: np.ndarray | None = None,
+    shape: tuple[int, int] | None = None,
 ) -> Leaves:
-    """Quadtree leaves over an edge map (H, W) at the working resolution.
+    """Quadtree leaves over an edge map at the working resolution.
 
-    ``tissue`` (H, W) bool, same resolution: leaves with no tissue pixel are dropped. Without it
-    every leaf that overlaps the image is kept. The image is covered by a grid of ``max_size``
-    roots from its top-left corner; roots past the right and bottom edges are padded (no edges, no
-    tissue there).
+    ``edges`` is (H, W), or with ``params.edge_downsample`` f > 1 the (ceil(H / f), ceil(W / f))
+    map :func:`params_edge_map` gives. ``tissue`` (H, W) bool, at the working resolution: leaves
+    with no tissue pixel are dropped. Without it every leaf that overlaps the image is kept, and
+    (H, W) is ``shape`` or else the edge map's size times f. The image is covered by a grid of
+    ``max_size`` roots from its top-left corner; roots past the right and bottom edges are padded
+    (no edges, no tissue there).
     """
     params.validate()
     if edges.ndim != 2:
         raise QuadtreeError("edges must be a 2-D array")
-    h, w = edges.shape
-    if tissue is not None and tissue.shape != edges.shape:
-        raise QuadtreeError(f"tissue mask is {tissue.shape[1]}x{tissue.shape[0]}, image is {w}x{h}")
+    f = params.edge_downsample
+    if tissue is not None:
+        shape = tissue.shape
+    h, w = shape if shape is not None else (edges.shape[0] * f, edges.shape[1] * f)
+    if edges.shape != (-(-h // f), -(-w // f)):
+        at = f" at edge downsample {f}" if f > 1 else ""
+        raise QuadtreeError(f"{'tissue mask' if tissue is not None else 'image'} is {w}x{h}, "
+                            f"edge map is {edges.shape[1]}x{edges.shape[0]}{at}")
     if h == 0 or w == 0:
         return Leaves.empty()
     top = params.max_size
     rows, cols = -(-h // top) * top, -(-w // top) * top
     cell = params.min_size
-    e_int = _cell_integral(_binary(edges), (h, w), cell, rows, cols)
+    e_int = _cell_integral(_binary(edges), edges.shape, cell // f, rows // f, cols // f)
     t_int = _cell_integral(None if tissue is None else _binary(tissue), (h, w), cell, rows, cols)
     if t_int[-1, -1] == 0:
         return Leaves.empty()
@@ -292,8 +333,8 @@ def uniform_leaves(shape: tuple[int, int], size: int, tissue: np.ndarray | None 
     degenerate quadtree, so both modes share one code path downstream."""
     if not is_power_of_two(size):
         raise QuadtreeError(f"patch size must be a power of two, got {size}")
-    params = QuadtreeParams(min_size=size, max_size=size, split_threshold=0.0)
-    return build_quadtree(np.zeros(shape, np.uint8), params, tissue)
+    params = QuadtreeParams(min_size=size, max_size=size, split_threshold=0.0, edge_downsample=1)
+    return build_quadtree(np.zeros(shape, np.uint8), params, tissue, shape=shape)
 
 
 def uniform_token_count(shape: tuple[int, int], size: int, tissue: np.ndarray | None = None) -> int:

@@ -42,7 +42,7 @@ from torch import Tensor
 from . import __version__
 from .checkpoint import file_sha256, save_checkpoint
 from .outputs import atomic_path, write_json_atomic, write_text_atomic
-from .quadtree import Leaves, QuadtreeError, QuadtreeParams, build_quadtree, edge_map, is_power_of_two, uniform_leaves
+from .quadtree import Leaves, QuadtreeError, QuadtreeParams, build_quadtree, is_power_of_two, params_edge_map, uniform_leaves
 from .segmentation import ModelCard, Normalisation, SegmenterConfig, TokenSegmenter
 from .tokens import detokenise, leaf_coverage, pad_tokens, token_geometry, tokenise
 
@@ -683,22 +683,23 @@ def make_leaves(image: np.ndarray, params: QuadtreeParams, patching: str,
     if patching == "uniform":
         return uniform_leaves(image.shape[:2], params.min_size, tissue)
     if tissue is None:
-        return build_quadtree(edge_map(image, params.blur_kernel, params.canny_low, params.canny_high), params)
+        return build_quadtree(params_edge_map(image, params), params, shape=image.shape[:2])
     # Edges only where a leaf can be: the bounding box of the quadtree roots that hold tissue,
     # with a margin for the blur and Canny's gradients (windows of a slide are often mostly glass).
+    # Its corners sit on multiples of the edge downsampling, so its edge map drops into place.
     h, w = tissue.shape
-    top = params.max_size
+    top, f = params.max_size, params.edge_downsample
     rows_any = np.flatnonzero(tissue.any(axis=1))
     if rows_any.size == 0:
         return Leaves.empty()
     cols_any = np.flatnonzero(tissue.any(axis=0))
-    margin = params.blur_kernel + 8
+    margin = -(-(params.blur_kernel + 8) // f) * f
     y0 = max(0, int(rows_any[0]) // top * top - margin)
     x0 = max(0, int(cols_any[0]) // top * top - margin)
     y1 = min(h, -(-(int(rows_any[-1]) + 1) // top) * top + margin)
     x1 = min(w, -(-(int(cols_any[-1]) + 1) // top) * top + margin)
-    edges = np.zeros((h, w), np.uint8)
-    edges[y0:y1, x0:x1] = edge_map(image[y0:y1, x0:x1], params.blur_kernel, params.canny_low, params.canny_high)
+    edges = np.zeros((-(-h // f), -(-w // f)), np.uint8)
+    edges[y0 // f:-(-y1 // f), x0 // f:-(-x1 // f)] = params_edge_map(image[y0:y1, x0:x1], params)
     return build_quadtree(edges, params, tissue)
 
 
@@ -818,7 +819,9 @@ def patching_from_card(card: ModelCard) -> tuple[QuadtreeParams, str]:
     ``patching``: ``{"mode", "token_size", "quadtree": QuadtreeParams fields}``)."""
     info = card.patching or {}
     fields = set(QuadtreeParams.__dataclass_fields__)
-    params = QuadtreeParams(**{k: v for k, v in (info.get("quadtree") or {}).items() if k in fields})
+    # Cards written before edge_downsample existed found their edges at full resolution.
+    saved = {"edge_downsample": 1, **(info.get("quadtree") or {})}
+    params = QuadtreeParams(**{k: v for k, v in saved.items() if k in fields})
     return params, str(info.get("mode", "adaptive"))
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from ..batch import EmptySlide, JobContext
 from ..inference import Block
 from ..outputs import TMP_PREFIX, atomic_path, write_png_atomic
-from ..quadtree import (Leaves, QuadtreeParams, box_sums, detail_score, build_quadtree, edge_map, morton_order,
+from ..quadtree import (Leaves, QuadtreeParams, box_sums, detail_score, build_quadtree, morton_order, params_edge_map,
                         uniform_token_count)
 from ..slide import Resolution, Slide, SlideError, open_slide
 from ..tokens import labels_round_trip
@@ -105,15 +105,18 @@ class Cells:
     tissue: np.ndarray  # (rows, cols) bool, any tissue in the cell
 
     @staticmethod
-    def of(edges: np.ndarray, tissue: np.ndarray | None, min_size: int, max_size: int) -> Cells:
-        h, w = edges.shape
-        rows, cols = -(-h // max_size) * max_size, -(-w // max_size) * max_size
-        e = np.zeros((rows, cols), np.uint8)
-        e[:h, :w] = edges > 0
+    def of(edges: np.ndarray, tissue: np.ndarray | None, params: QuadtreeParams, shape: tuple[int, int]) -> Cells:
+        """Cells of a (H, W) = ``shape`` window from its edge map (at ``params.edge_downsample``)."""
+        h, w = shape
+        f, m = params.edge_downsample, params.min_size
+        rows, cols = -(-h // params.max_size) * params.max_size, -(-w // params.max_size) * params.max_size
+        r, c = rows // m, cols // m
+        e = np.zeros((rows // f, cols // f), np.uint8)
+        e[:edges.shape[0], :edges.shape[1]] = edges > 0
         t = np.zeros((rows, cols), bool)
         t[:h, :w] = True if tissue is None else tissue
-        r, c, m = rows // min_size, cols // min_size, min_size
-        return Cells(e.reshape(r, m, c, m).sum(axis=(1, 3), dtype=np.int32), t.reshape(r, m, c, m).any(axis=(1, 3)))
+        return Cells(e.reshape(r, m // f, c, m // f).sum(axis=(1, 3), dtype=np.int32),
+                     t.reshape(r, m, c, m).any(axis=(1, 3)))
 
 
 def _integral_of_cells(a: np.ndarray) -> np.ndarray:
@@ -495,7 +498,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     params.validate()
     token_size, window = int(qp["token_size"]), int(qp["window"])
     res = Resolution(mpp=qp.get("mpp"), magnification=qp.get("magnification"))
-    margin = EDGE_MARGIN + params.blur_kernel // 2
+    f = params.edge_downsample
+    margin = -(-(EDGE_MARGIN + params.blur_kernel // 2) // f) * f  # a multiple of f: edge cells line up
     with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
         ds = slide.downsample_for(res)
         w0, h0 = slide.dimensions
@@ -519,7 +523,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             t0 = time.perf_counter()
             rgb, (left, top) = read_window(slide, win, ds, size, margin)
             t1 = time.perf_counter()
-            e = edge_map(rgb, params.blur_kernel, params.canny_low, params.canny_high)[top:top + win.h, left:left + win.w]
+            e = params_edge_map(rgb, params)[top // f:(top + win.h + f - 1) // f, left // f:(left + win.w + f - 1) // f]
             tally.read += t1 - t0
             tally.edges += time.perf_counter() - t1
             tally.windows_read += 1
@@ -545,7 +549,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 if tissue is None or tissue.any():
                     edges = edges_of(win)
                     t0 = time.perf_counter()
-                    leaves = build_quadtree(edges, params, tissue)
+                    leaves = build_quadtree(edges, params, tissue, shape=(win.h, win.w))
                     tally.tree += time.perf_counter() - t0
                     tally.count_uniform(win, tissue, params.min_size)
                     tally.add_leaves(win, leaves)
@@ -642,7 +646,7 @@ def _run_budget(
                 tissue = tissue_of(win)
                 edges = edges_of(win)
                 t0 = time.perf_counter()
-                cells = Cells.of(edges, tissue, params.min_size, params.max_size)
+                cells = Cells.of(edges, tissue, params, (win.h, win.w))
                 del edges
                 np.save(store / f"{i}-edges.npy", cells.edges)
                 np.save(store / f"{i}-tissue.npy", cells.tissue)

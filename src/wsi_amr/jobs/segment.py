@@ -97,6 +97,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(max(1, ctx.threads))
+    # OpenCV's own worker threads would compete with the model's: its work (quadtree edges,
+    # outlines) already runs on threads of ours beside the model.
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return _run(ctx, model, card, t_start)
+    finally:
+        cv2.setNumThreads(cv_threads)
+
+
+def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, Any]:
+    sp = ctx.params["segment"]
     params, trained_mode = patching_from_card(card)
     patching = sp.get("patching") or trained_mode
     window, overlap = int(sp["window"]), int(sp["overlap"])
