@@ -81,6 +81,18 @@ def rect_slide(tmp_path: Path) -> tuple[Path, tuple[int, int, int, int]]:
     return write_pyramid_tiff(tmp_path / "rect.tiff", img), rect
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: torch's worker threads only add overhead, and on a busy 2-core machine they
+    make small tensor work many times slower. Use as ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()

@@ -37,12 +37,14 @@ JOBS: dict[str, str] = {
     "tile": "wsi_amr.jobs.tile:run",
     "quadtree": "wsi_amr.jobs.quadtree:run",
     "segment": "wsi_amr.jobs.segment:run",
+    "classify": "wsi_amr.jobs.classify:run",
 }
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 SUMMARY = "summary.csv"
-SUMMARY_FIELDS = ["finished", "command", "slide", "stem", "status", "seconds", "message", "out_dir"]
+SUMMARY_FIELDS = ["finished", "command", "slide", "stem", "status", "seconds", "message", "out_dir", "predicted",
+                  "probabilities"]
 
 
 class InputError(Exception):
@@ -320,7 +322,8 @@ def run_task(task: SlideTask, progress: Callable[[int, int], None] | None = None
     if not task.overwrite and is_current(task, out_dir):
         result.status = "skipped"
         result.message = "outputs complete and current"
-        result.outputs = read_manifest(out_dir)["steps"][task.command].get("outputs", {})
+        step = read_manifest(out_dir)["steps"][task.command]
+        result.outputs, result.stats = step.get("outputs", {}), step.get("stats") or {}
         return result
     start = time.perf_counter()
     with slide_lock(out_dir) as got:
@@ -460,21 +463,33 @@ def run_batch(
 
 
 def append_summary(out: Path, results: Iterable[SlideResult]) -> None:
-    """Append one row per slide to ``OUT/summary.csv`` (header written when the file is new)."""
+    """Append one row per slide to ``OUT/summary.csv`` (header written when the file is new).
+
+    ``predicted`` and ``probabilities`` (a JSON object of class name to probability) are filled by
+    ``classify`` and empty otherwise. A file begun with other columns (an older wsi-amr) keeps
+    them: rows are written with its header.
+    """
     rows = list(results)
     if not rows:
         return
     path = out / SUMMARY
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, SUMMARY_FIELDS)
     new = not path.exists() or path.stat().st_size == 0
+    header = SUMMARY_FIELDS
+    if not new:
+        with open(path, encoding="utf-8", newline="") as fh:
+            header = next(csv.reader(fh), None) or SUMMARY_FIELDS
+    writer = csv.DictWriter(buf, header, extrasaction="ignore")
     if new:
         writer.writeheader()
     stamp = _now()
     for r in rows:
+        probabilities = r.stats.get("probabilities")
         writer.writerow({
             "finished": stamp, "command": r.command, "slide": r.slide, "stem": r.stem,
             "status": r.status, "seconds": f"{r.seconds:.3f}", "message": r.message, "out_dir": r.out_dir,
+            "predicted": r.stats.get("predicted", ""),
+            "probabilities": json.dumps(probabilities) if isinstance(probabilities, dict) else "",
         })
     # One write in append mode: concurrent runs interleave whole blocks, not half lines.
     with open(path, "a", encoding="utf-8", newline="") as fh:

@@ -513,6 +513,122 @@ def segment(
                slide_mpp=slide_mpp, debug=debug)
 
 
+def _check_classifier(model: Path, encoder: Path | None, features: Path | None,
+                      inputs: list[str]) -> tuple[str, str | None]:
+    """Check the checkpoint and how its embeddings will be made before any slide is read; returns
+    the weights' path and SHA-256. Every mismatch is a usage error naming both sides. Inputs that
+    are all feature files (.h5) bring their own embeddings."""
+    from .checkpoint import CheckpointError, checkpoint_paths, read_config
+    from .classification import ClassifierCard, EncoderError, TorchScriptEncoder
+    from .ips import FORMAT, VERSION, load_ips
+
+    try:
+        weights, _ = checkpoint_paths(model)
+        sha = read_config(model, FORMAT, VERSION, "IPS").get("weights_sha256")
+        _, cfg, extra = load_ips(model)
+        card = ClassifierCard.from_extra(extra, cfg, weights)
+    except CheckpointError as exc:
+        _fail_usage(str(exc))
+    if features is not None and not features.is_dir():
+        _fail_usage(f"--features {features}: no such folder")
+    if encoder is not None and features is not None:
+        _fail_usage("give --encoder (to encode slide patches) or --features (pre-extracted), not both")
+    if cfg.encoder != "none" and (encoder is not None or features is not None):
+        _fail_usage(f"{weights.name} encodes patches with its own built-in CNN; --encoder and --features are for "
+                    "models trained on embeddings")
+    feature_inputs = bool(inputs) and all(i.lower().endswith(".h5") for i in inputs)
+    if cfg.encoder == "none" and encoder is None and features is None and not feature_inputs:
+        hint = (f" (it was trained with the encoder {card.encoder.get('file')})"
+                if card.encoder.get("kind") == "torchscript" else "")
+        _fail_usage(f"{weights.name} takes embeddings: give --features DIR or --encoder FILE.pt{hint}")
+    if encoder is not None:
+        try:
+            patch = card.require_patching(encoder)
+            TorchScriptEncoder(encoder).check_width(patch, cfg.embed_dim, weights.name)
+        except (EncoderError, ValueError) as exc:
+            _fail_usage(str(exc))
+    return str(weights.resolve()), sha
+
+
+@app.command()
+def classify(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Slides, images (.png/.jpg), folders (searched recursively for slides), globs, or - to read paths "
+        "from stdin. With --features they may be left out: every <stem>.h5 in the folder is classified.",
+        show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", "-m", help="An IPS checkpoint from `wsi-amr train classify` (NAME.safetensors with NAME.json "
+        "beside it).", show_default=False)] = None,
+    out: Out = DEFAULT_OUT,
+    encoder: Annotated[Optional[Path], typer.Option(
+        "--encoder", help="The TorchScript patch encoder of a model trained on its embeddings: (N, 3, H, W) "
+        "float32 RGB 0-255, H = W = the model's patch size, to (N, D), D the model's embed_dim.",
+        show_default=False)] = None,
+    features: Annotated[Optional[Path], typer.Option(
+        "--features", help="Folder of pre-extracted feature files, <slide stem>.h5 (features + coords, level-0 "
+        "px), for a model trained on them.", show_default=False)] = None,
+    patch_size: Annotated[Optional[float], typer.Option(
+        "--patch-size", help="Side of each feature-file patch in level-0 px, for the heatmap and GeoJSON "
+        "\\[default: the file's coords attributes: patch_size_level0, or patch_size x downsample].",
+        show_default=False)] = None,
+    memory: Annotated[Optional[int], typer.Option(
+        "--memory", "-M", min=1, help="M: patches the prediction aggregates \\[default: the model's]; a slide with "
+        "fewer uses them all, unpadded.", show_default=False)] = None,
+    chunk: Annotated[Optional[int], typer.Option(
+        "--chunk", "-I", min=1, help="I: patches read and scored at a time \\[default: the model's].",
+        show_default=False)] = None,
+    top: Annotated[Optional[int], typer.Option(
+        "--top", min=1, help="Write only the K patches with the most attention to attention.geojson "
+        "\\[default: every patch].", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    modality: Modality = "auto",
+    tissue_threshold: TissueThreshold = None,
+    min_area: MinTissueArea = TissueParams.min_area_um2,
+    min_hole: MinHoleArea = TissueParams.min_hole_um2,
+    jobs: Jobs = 1,
+    overwrite: Overwrite = False,
+    json_lines: JsonLines = False,
+    slide_mpp: SlideMpp = None,
+    debug: Debug = False,
+) -> None:
+    """Classify slides with an IPS model: OUT/<stem>/classification.json, heatmap.png, attention.geojson.
+
+    Patches are streamed I at a time; the M the model attends to most give the class probabilities,
+    and every patch's attention (normalised over the slide) is drawn over the thumbnail and written
+    as QuPath detections. Memory holds M + I embeddings however large the slide.
+
+    Example: wsi-amr classify slides/ -o out --model runs/ips/best.safetensors
+
+    Example: wsi-amr classify -o out --model runs/ips-features/best.safetensors --features trident/features --top 500
+    """
+    from .checkpoint import file_sha256
+    from .training import TrainingError, resolve_device
+
+    if model is None:
+        _fail_usage("give the model to classify with: --model runs/NAME/best.safetensors (from `wsi-amr train classify`)")
+    if patch_size is not None and not patch_size > 0:
+        _fail_usage(f"--patch-size must be a positive number of level-0 px, got {patch_size}")
+    weights, sha = _check_classifier(model, encoder, features, inputs or [])
+    try:
+        resolve_device(device)
+    except TrainingError as exc:
+        _fail_usage(str(exc))
+    if not inputs:
+        if features is None:
+            _fail_usage("give slides to classify (or --features DIR to classify every feature file in it)")
+        inputs = [str(p) for p in sorted(features.glob("*.h5"))] or [str(features / "*.h5")]
+    params = {
+        "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
+        "classify": {"model": weights, "model_sha256": sha,
+                     "encoder": str(encoder.resolve()) if encoder else None,
+                     "encoder_sha256": file_sha256(encoder) if encoder else None,
+                     "features": str(features.resolve()) if features else None, "patch_size": patch_size,
+                     "memory": memory, "chunk": chunk, "top": top, "device": device},
+    }
+    run_slides("classify", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
+               slide_mpp=slide_mpp, debug=debug)
+
+
 app.command()(evaluate)
 app.add_typer(train_app, name="train")
 

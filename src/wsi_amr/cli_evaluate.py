@@ -1,8 +1,12 @@
-"""``wsi-amr evaluate``: Dice and IoU of predicted segmentations against references.
+"""``wsi-amr evaluate``: Dice and IoU of predicted segmentations against references, or accuracy,
+balanced accuracy and AUC of slide classifications against a labels CSV.
 
-Predictions and references are label images (PNG/TIFF) or QuPath GeoJSON, single files or
-folders matched by file stem. Per pair: Dice and IoU per class and their means; over all pairs:
-the same from the summed pixel counts (pooled) and the mean of the per-pair mean Dice.
+Segmentation: predictions and references are label images (PNG/TIFF) or QuPath GeoJSON, single
+files or folders matched by file stem. Per pair: Dice and IoU per class and their means; over all
+pairs: the same from the summed pixel counts (pooled) and the mean of the per-pair mean Dice.
+
+Classification (the reference is a ``slide,label`` CSV): ``wsi-amr classify`` outputs matched to
+the labels by slide stem; accuracy, balanced accuracy, AUC and the confusion matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from .evaluation import GEOJSON_SUFFIXES, EvaluationError, Scores, classes_of, evaluate_pair, scores_from_confusion
+from .evaluation import (GEOJSON_SUFFIXES, ClassificationScores, EvaluationError, Scores, classes_of,
+                         classification_scores, evaluate_pair, read_predictions, scores_from_confusion)
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 SUFFIXES = LABEL_SUFFIXES + GEOJSON_SUFFIXES
@@ -82,10 +87,12 @@ def _table(rows: list[tuple[str, Scores]], pooled: Scores | None) -> None:
 
 
 def evaluate(
-    pred: Annotated[Path, typer.Argument(help="Prediction: label image, QuPath GeoJSON, or a folder of them.",
-                                         show_default=False)],
+    pred: Annotated[Path, typer.Argument(help="Prediction: label image, QuPath GeoJSON, or a folder of them; "
+                                         "for classification a classify output folder, classification.json or "
+                                         "summary.csv.", show_default=False)],
     ref: Annotated[Path, typer.Argument(help="Reference: label image, QuPath GeoJSON, or a folder of them "
-                                        "(matched to predictions by file stem).", show_default=False)],
+                                        "(matched to predictions by file stem); for classification a labels CSV "
+                                        "(slide,label).", show_default=False)],
     classes: Annotated[Optional[str], typer.Option(
         "--classes", help="Class names of label ids 1, 2, ... (comma-separated); GeoJSON classifications are "
         "mapped by these names [default: the names found in the GeoJSON files].")] = None,
@@ -97,12 +104,19 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON (one line per pair, then the "
                                            "total) instead of a table.")] = False,
 ) -> None:
-    """Dice and IoU per class and mean, of predictions against references.
+    """Dice and IoU per class of segmentations; accuracy, balanced accuracy and AUC of classifications.
+
+    A labels CSV (slide,label) as the reference evaluates `wsi-amr classify` outputs, matched by slide stem.
 
     Example: wsi-amr evaluate out/slide/slide.geojson truth/slide.geojson --downsample 4
 
     Example: wsi-amr evaluate predictions/ glas/masks --classes Gland --json
+
+    Example: wsi-amr evaluate out/ labels.csv --json
     """
+    if ref.suffix.lower() == ".csv":
+        _evaluate_classification(pred, ref, json_out)
+        return
     names = [c.strip() for c in classes.split(",")] if classes else None
     if names is not None and (not all(names) or len(set(names)) != len(names)):
         _fail(f"--classes must be distinct, non-empty names, got {classes!r}", 2)
@@ -152,6 +166,63 @@ def evaluate(
     if len(rows) > 1:
         typer.echo(f"{len(rows)} pairs; mean Dice per pair {np.mean([s.mean_dice for _, s in rows]):.4f}, "
                    f"pooled {pooled.mean_dice:.4f}")
+
+
+def _evaluate_classification(pred: Path, labels: Path, json_out: bool) -> None:
+    from .ips_data import BagError, read_labels_csv
+
+    try:
+        classes, predicted = read_predictions(pred)
+        try:
+            bags, label_names = read_labels_csv(labels, check_files=False)
+        except BagError as exc:
+            raise EvaluationError(str(exc)) from None
+        unknown = sorted(set(label_names) - set(classes))
+        if unknown:
+            raise EvaluationError(f"{labels}: labels {unknown} are not classes of the predictions "
+                                  f"({', '.join(classes)})")
+        pairs = [(b.name, classes.index(label_names[b.label])) for b in bags if b.name in predicted]
+        if not pairs:
+            raise EvaluationError(f"no slide of {labels} has a prediction in {pred} (matched by slide stem)")
+        y = np.array([label for _, label in pairs])
+        p = np.stack([predicted[name] for name, _ in pairs])
+        scores = classification_scores(y, p, classes)
+    except EvaluationError as exc:
+        _fail(str(exc), 1)
+    for name in sorted({b.name for b in bags} ^ set(predicted)):
+        typer.echo(f"warning: {name}: on one side only, not compared", err=True)
+    if json_out:
+        for (name, label), probs in zip(pairs, p):
+            k = int(np.argmax(probs))
+            typer.echo(json.dumps({"name": name, "label": classes[label], "predicted": classes[k],
+                                   "correct": k == label, **_rounded({"probabilities": dict(zip(classes, map(float, probs)))})}))
+        typer.echo(json.dumps({"name": "all", **_rounded(scores.as_dict())}))
+        return
+    _classification_table(scores)
+
+
+def _classification_table(s: ClassificationScores) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    console = Console()
+    table = Table(title=f"Classification: {s.n} slides", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("accuracy", fmt(s.accuracy))
+    table.add_row("balanced accuracy", fmt(s.balanced_accuracy))
+    table.add_row("AUC" if len(s.classes) == 2 else "AUC (one-vs-rest, macro)", fmt(s.auc))
+    console.print(table)
+    conf = Table(title="Confusion matrix (rows: label, columns: predicted)")
+    conf.add_column("label \\ predicted")
+    for c in s.classes:
+        conf.add_column(c, justify="right")
+    for c, row in zip(s.classes, s.confusion):
+        conf.add_row(c, *(str(int(v)) for v in row))
+    console.print(conf)
 
 
 def _rounded(d: dict[str, Any]) -> dict[str, Any]:

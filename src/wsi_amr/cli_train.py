@@ -10,10 +10,12 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
 import typer
 
+from .ips import IPSConfig
 from .quadtree import QuadtreeParams
 from .segmentation import SegmenterConfig
 
@@ -159,12 +161,56 @@ class _TrainProgress:
 
     def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:
         text = f"loss {info['loss']:.4f}"
-        if info.get("val_dice") is not None:
-            text += f" val Dice {info['val_dice']:.4f}"
+        if info.get("val") is not None:
+            text += f" {VAL_LABELS.get(info.get('val_name', ''), 'val')} {info['val']:.4f}"
         self._progress.update(self._task, completed=step, total=total, info=text)
 
     def close(self) -> None:
         self._progress.stop()
+
+
+VAL_LABELS = {"val_foreground_dice": "val Dice", "val_auc": "val AUC", "val_balanced_accuracy": "val bal. acc."}
+
+
+def _run_training(train: Callable[[Callable[[int, int, dict[str, Any]], None]], dict[str, Any]], out: Path,
+                  describe: Callable[[dict[str, Any]], str], debug: bool) -> None:
+    """Run ``train(progress)`` with a progress bar; report its result, or turn what stopped it into
+    one line and an exit status (2 bad options, 1 bad data or a bug, 130 Ctrl-C)."""
+    from .training import TrainingError, TrainingInterrupted
+
+    bar: _TrainProgress | None = None
+
+    def progress(step: int, total: int, info: dict[str, Any]) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _TrainProgress(total, step - 1)
+        bar(step, total, info)
+
+    try:
+        result = train(progress)
+    except TrainingInterrupted as exc:
+        typer.echo(f"interrupted at step {exc.step}: saved {exc.out / 'last.safetensors'}; continue with the "
+                   "same command plus --resume", err=True)
+        raise typer.Exit(130) from None
+    except TrainingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        saved = (out / "last-state.json").exists()
+        typer.echo("interrupted" + (f"; {out / 'last.safetensors'} holds the last saved step: continue with the "
+                                    "same command plus --resume" if saved else " before any step was saved"), err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    for warning in result.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(describe(result), err=True)
 
 
 @train_app.command("segment")
@@ -220,7 +266,7 @@ def segment(
 
     Example: wsi-amr train segment --slides a.svs --annotations a.geojson --classes Background,Tumor -o runs/t
     """
-    from .training import TrainConfig, TrainingError, TrainingInterrupted, describe_result, train_segmenter
+    from .training import TrainConfig, describe_result, train_segmenter
 
     class_names = [c.strip() for c in classes.split(",")]
     color_list = None
@@ -245,43 +291,101 @@ def segment(
         log_every=log_every, width=width, depth=depth, heads=heads, seed=seed, device=device, threads=threads,
         resume=resume, overwrite=overwrite, command_line=_command_line(),
     )
-    bar: _TrainProgress | None = None
+    _run_training(lambda progress: train_segmenter(cfg, progress=progress), out, describe_result, debug)
 
-    def progress(step: int, total: int, info: dict[str, Any]) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = _TrainProgress(total, step - 1)
-        bar(step, total, info)
 
-    try:
-        result = train_segmenter(cfg, progress=progress)
-    except TrainingInterrupted as exc:
-        if bar is not None:
-            bar.close()
-        typer.echo(f"interrupted at step {exc.step}: saved {exc.out / 'last.safetensors'}; continue with the "
-                   "same command plus --resume", err=True)
-        raise typer.Exit(130) from None
-    except TrainingError as exc:
-        if bar is not None:
-            bar.close()
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        saved = (out / "last-state.json").exists()
-        typer.echo("interrupted" + (f"; {out / 'last.safetensors'} holds the last saved step: continue with the "
-                                    "same command plus --resume" if saved else " before any step was saved"), err=True)
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        if bar is not None:
-            bar.close()
-        if debug:
-            raise
-        typer.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
-        raise typer.Exit(1) from None
-    if bar is not None:
-        bar.close()
-    for warning in result.get("warnings", []):
-        typer.echo(f"warning: {warning}", err=True)
-    typer.echo(describe_result(result), err=True)
+# -- train classify ------------------------------------------------------------------------------
+_IPS = IPSConfig()
+Labels = Annotated[Path, typer.Argument(help="CSV with a header 'slide,label': slide paths (relative to the CSV), "
+                                        "images (.png/.jpg: one bag each) or, with --features, slide names.",
+                                        show_default=False)]
+Features = Annotated[Optional[Path], typer.Option("--features", help="Folder of pre-extracted feature files, "
+                                                  "<slide stem>.h5 with features (N, D) and coords (N, 2), as "
+                                                  "CLAM and TRIDENT write them.", show_default=False)]
+Encoder = Annotated[Optional[Path], typer.Option("--encoder", help="A TorchScript patch encoder (frozen): takes "
+                                                 "(N, 3, H, W) float32 RGB pixels 0-255, H = W = --patch-size, "
+                                                 "returns (N, D). Default: the built-in small CNN, trained from "
+                                                 "scratch.", show_default=False)]
+ClassOrder = Annotated[Optional[str], typer.Option("--classes", help="Class names in order (comma-separated); "
+                                                   "labels outside them are an error \\[default: the sorted labels].",
+                                                   show_default=False)]
+PatchSize = Annotated[int, typer.Option("--patch-size", help="Patch side in px at --mpp (slides) or in image px "
+                                        "(images).")]
+PatchMpp = Annotated[float, typer.Option("--mpp", help="µm/px slides are read at (images are used as they are).")]
+MinTissue = Annotated[float, typer.Option("--min-tissue", help="Keep slide patches with at least this tissue "
+                                          "fraction (0-1).")]
+Memory = Annotated[Optional[int], typer.Option("--memory", "-M", help=f"M: patches kept per slide, the only ones "
+                                               f"trained with gradients \\[default: {_IPS.memory}].",
+                                               show_default=False)]
+Chunk = Annotated[Optional[int], typer.Option("--chunk", "-I", help=f"I: patches scored per streaming step "
+                                              f"\\[default: {_IPS.chunk}].", show_default=False)]
+EmbedDim = Annotated[Optional[int], typer.Option("--embed-dim", help=f"Embedding width of the built-in CNN "
+                                                 f"\\[default: {_IPS.embed_dim}]; feature files and encoders set "
+                                                 "their own.", show_default=False)]
+AttnWidth = Annotated[Optional[int], typer.Option("--width", help=f"Attention width \\[default: {_IPS.width}].",
+                                                  show_default=False)]
+AttnHeads = Annotated[Optional[int], typer.Option("--heads", help=f"Attention heads, dividing --width "
+                                                  f"\\[default: {_IPS.heads}].", show_default=False)]
+BagBatch = Annotated[int, typer.Option("--batch-size", "-b", help="Slides per optimisation step (gradients "
+                                       "accumulated).")]
+Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Rotate (90-degree steps) and flip each "
+                                       "slide's patches at random.")]
+BagValFraction = Annotated[float, typer.Option("--val-fraction", help="Share of each class's slides held out for "
+                                               "validation, chosen by --seed.")]
+
+
+@train_app.command("classify")
+def classify(
+    labels: Labels,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: best.*, last.*, last-state.*, "
+                                      "metrics.jsonl.")],
+    features: Features = None,
+    encoder: Encoder = None,
+    classes: ClassOrder = None,
+    patch_size: PatchSize = 256,
+    mpp: PatchMpp = 0.5,
+    min_tissue: MinTissue = 0.5,
+    slide_mpp: SlideMpp = None,
+    memory: Memory = None,
+    chunk: Chunk = None,
+    embed_dim: EmbedDim = None,
+    width: AttnWidth = None,
+    heads: AttnHeads = None,
+    steps: Steps = 500,
+    batch_size: BagBatch = 8,
+    lr: Lr = 1e-3,
+    weight_decay: WeightDecay = 1e-4,
+    warmup: Warmup = None,
+    augment: Augment = True,
+    val_fraction: BagValFraction = 0.2,
+    val_every: ValEvery = 50,
+    log_every: LogEvery = 10,
+    seed: Seed = 0,
+    device: Device = "auto",
+    threads: Threads = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    debug: Debug = False,
+) -> None:
+    """Train an IPS slide classifier (Iterative Patch Selection) from a labels CSV.
+
+    Each step streams a slide's patches without gradients keeping the M it attends to most, then
+    trains on those M only: memory stays at M + I patches however large the slide. Writes
+    OUT/best.safetensors + best.json (best validation AUC, or balanced accuracy with more than two
+    classes), OUT/last.*, last-state.* (for --resume) and OUT/metrics.jsonl.
+
+    Example: wsi-amr train classify labels.csv -o runs/ips --patch-size 256 --mpp 0.5 -M 64 -I 256
+
+    Example: wsi-amr train classify labels.csv --features trident/features -o runs/ips-features
+    """
+    from .ips_training import ClassifyTrainConfig, describe_result, train_classifier
+
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    cfg = ClassifyTrainConfig(
+        out=out, labels=labels, features=features, encoder=encoder, classes=names, patch_size=patch_size, mpp=mpp,
+        min_tissue=min_tissue, slide_mpp=slide_mpp, memory=memory, chunk=chunk, embed_dim=embed_dim, width=width,
+        heads=heads, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+        augment=augment, val_fraction=val_fraction, val_every=val_every, log_every=log_every, seed=seed,
+        device=device, threads=threads, resume=resume, overwrite=overwrite, command_line=_command_line(),
+    )
+    _run_training(lambda progress: train_classifier(cfg, progress=progress), out, describe_result, debug)

@@ -1,8 +1,10 @@
-"""Segmentation metrics: Dice and IoU per class, from label masks or QuPath GeoJSON.
+"""Metrics: Dice and IoU per class for segmentation; accuracy, balanced accuracy, AUC and the
+confusion matrix for slide classification.
 
-Predictions and references can each be a label image (PNG/TIFF; binary 0/255 masks read as
-0/1) or a GeoJSON of polygons in level-0 px (rasterised with class names mapped to label ids).
-Both are compared on one pixel grid: the label image's, or level 0 divided by ``downsample``.
+Segmentation predictions and references can each be a label image (PNG/TIFF; binary 0/255
+masks read as 0/1) or a GeoJSON of polygons in level-0 px (rasterised with class names mapped
+to label ids). Both are compared on one pixel grid: the label image's, or level 0 divided by
+``downsample``. Classification compares class probabilities per slide with reference labels.
 """
 
 from __future__ import annotations
@@ -199,3 +201,111 @@ def evaluate_pair(
     names = [classes[i - 1] if i - 1 < len(classes) else f"class {i}" for i in range(1, k)]
     conf = confusion_matrix(pred, ref, k)
     return scores_from_confusion(conf, names), conf
+
+
+# -- classification ---------------------------------------------------------------------------
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for the ``positive`` (bool) items: the probability
+    that a positive scores above a negative, ties counting half (Mann-Whitney U). None when
+    either side is empty."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    # Every positive-negative pair: plain and exact for the slide counts of a study.
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+@dataclass
+class ClassificationScores:
+    """Slide classification against reference labels.
+
+    ``confusion`` (K, K): rows the reference class, columns the predicted (most probable) one.
+    ``balanced_accuracy``: mean recall over the classes that occur in the reference. ``auc``:
+    binary, the AUC of the second class's probability; multi-class, the one-vs-rest AUC averaged
+    over classes (macro) that have both positives and negatives; None when no class has.
+    """
+
+    classes: list[str]
+    confusion: np.ndarray
+    accuracy: float
+    balanced_accuracy: float
+    auc: float | None
+    auc_per_class: dict[str, float | None]
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"classes": self.classes, "n": self.n, "accuracy": self.accuracy,
+                "balanced_accuracy": self.balanced_accuracy, "auc": self.auc,
+                "auc_per_class": self.auc_per_class, "confusion_matrix": self.confusion.tolist()}
+
+
+def classification_scores(labels: Any, probabilities: Any, classes: list[str]) -> ClassificationScores:
+    """Scores of class ``probabilities`` (n, K) against reference ``labels`` (n,) ids 0..K-1."""
+    y = np.asarray(labels, np.int64).reshape(-1)
+    p = np.asarray(probabilities, np.float64).reshape(len(y), -1)
+    k = len(classes)
+    if p.shape[1] != k:
+        raise EvaluationError(f"{p.shape[1]} probabilities per item for {k} classes")
+    if len(y) == 0:
+        raise EvaluationError("no items to score")
+    if y.min() < 0 or y.max() >= k:
+        raise EvaluationError(f"labels must be class ids 0..{k - 1}")
+    pred = p.argmax(axis=1)
+    conf = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    present = conf.sum(axis=1) > 0
+    recall = np.diag(conf)[present] / conf.sum(axis=1)[present]
+    if k == 2:
+        per_class = {classes[1]: roc_auc(p[:, 1], y == 1)}
+        auc = per_class[classes[1]]
+    else:
+        per_class = {c: roc_auc(p[:, i], y == i) for i, c in enumerate(classes)}
+        defined = [v for v in per_class.values() if v is not None]
+        auc = float(np.mean(defined)) if defined else None
+    return ClassificationScores(list(classes), conf, float((pred == y).mean()), float(recall.mean()), auc, per_class)
+
+
+def read_predictions(pred: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Class names and ``{slide stem: probabilities (K,)}`` from ``wsi-amr classify`` outputs: an
+    output folder (its ``*/classification.json``, searched recursively), one
+    ``classification.json``, or a batch ``summary.csv`` (its classify rows; a later row of a slide
+    replaces an earlier one). EvaluationError when there are none, or the class lists differ."""
+    import csv
+    import json
+
+    found: list[tuple[str, list[str], list[float]]] = []
+    if not pred.exists():
+        raise EvaluationError(f"{pred}: no such file or folder")
+    try:
+        if pred.is_dir() or pred.suffix.lower() == ".json":
+            files = sorted(pred.rglob("classification.json")) if pred.is_dir() else [pred]
+            for f in files:
+                doc = json.loads(f.read_text())
+                classes = list(doc["classes"])
+                found.append((str(doc.get("stem") or f.parent.name), classes,
+                              [float(doc["probabilities"][c]) for c in classes]))
+        elif pred.suffix.lower() == ".csv":
+            with open(pred, encoding="utf-8", newline="") as fh:
+                for row in csv.DictReader(fh):
+                    if row.get("command") == "classify" and row.get("probabilities"):
+                        probs = json.loads(row["probabilities"])
+                        found.append((row["stem"], list(probs), [float(v) for v in probs.values()]))
+        else:
+            raise EvaluationError(f"{pred}: give a classify output folder, a classification.json or a summary.csv")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EvaluationError(f"{pred}: not readable classify output ({type(exc).__name__}: {exc})") from None
+    if not found:
+        raise EvaluationError(f"{pred}: holds no classify results (classification.json, or classify rows of "
+                              "summary.csv)")
+    classes = found[0][1]
+    for stem, other, _ in found:
+        if other != classes:
+            raise EvaluationError(f"{pred}: {stem} has classes {other}, others {classes}; compare one model's "
+                                  "predictions at a time")
+    return classes, {stem: np.array(probs) for stem, _, probs in found}

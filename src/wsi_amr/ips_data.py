@@ -7,10 +7,14 @@ encoder) with the position of each. Sources:
   (N, D) and ``coords`` (N, 2, level-0 top-left of each patch). Rows are read a chunk at a time
   (:func:`wsi_amr.ips.iter_chunks`), never the whole file; coordinates are kept beside them (the
   authors' code dropped them, so attention could not be drawn back on the slide).
+- **Slides**: square patches on the tissue-filtered tile grid (:func:`wsi_amr.tiling.tile_grid`)
+  at a working mpp, read from the slide only when their chunk is streamed (:class:`SlidePatches`).
 - **Images** (e.g. GlaS, each image one bag) cut into a grid of square patches that covers the
-  whole image, the last row and column flush with its edges.
-- **Labels**: a CSV with ``slide,label`` rows (slide paths or feature files, relative to the CSV),
-  and the GlaS ``grade.csv`` (benign / malignant per image).
+  whole image, the last row and column flush with its edges (:func:`image_patches`, or
+  :class:`ImagePatches` to cut them a chunk at a time).
+- **Labels**: a CSV with ``slide,label`` rows (slide paths or feature files, relative to the CSV,
+  or slide names looked up as ``<stem>.h5`` in a features folder), and the GlaS ``grade.csv``
+  (benign / malignant per image).
 
 Every problem a user can cause is one :class:`BagError` line naming the file.
 """
@@ -28,6 +32,8 @@ import torch
 from torch import Tensor
 
 from .ips import iter_chunks
+from .slide import Slide, slide_stem
+from .tiling import plain_attr
 
 
 class BagError(ValueError):
@@ -74,9 +80,24 @@ class FeatureBag:
             if expected_dim is not None and self.dim != expected_dim:
                 raise BagError(f"{self.path}: features are {self.dim}-dimensional, the model expects {expected_dim}")
             self.coords = coords.astype(np.int64)
+            self.attrs = {k: plain_attr(v) for k, v in self._file["coords"].attrs.items()}
         except BaseException:
             self._file.close()
             raise
+
+    def patch_size_level0(self) -> float | None:
+        """Side of each patch in level-0 px from the ``coords`` attributes, or None when they do not
+        say: ``patch_size_level0`` (TRIDENT, ``wsi-amr tile``), else ``patch_size`` times the read
+        level's ``downsample`` (CLAM's patching attributes)."""
+        size0 = self.attrs.get("patch_size_level0")
+        if size0 is not None:
+            return float(size0)
+        size, downsample = self.attrs.get("patch_size"), self.attrs.get("downsample")
+        if size is None:
+            return None
+        if isinstance(downsample, list):
+            downsample = downsample[0] if downsample else None
+        return float(size) * float(downsample if downsample is not None else 1.0)
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -108,21 +129,18 @@ def write_feature_file(path: str | Path, features: np.ndarray, coords: np.ndarra
     return path
 
 
-def image_patches(image: np.ndarray, patch: int, stride: int | None = None) -> tuple[Tensor, np.ndarray]:
-    """Cut an RGB uint8 image (H, W, 3) into square patches on a grid that covers it.
+def covering_grid(width: int, height: int, patch: int, stride: int | None = None) -> np.ndarray:
+    """Top-left (x, y) of square ``patch``-px patches covering a ``width`` x ``height`` image.
 
     Steps of ``stride`` (default ``patch``: no overlap); the last row and column are placed flush
     with the image's bottom and right edges, so every pixel is in some patch and no patch is
-    padded. Returns ``(patches (N, 3, patch, patch) uint8, coords (N, 2) x, y top-left)``.
+    padded. Row-major, (N, 2) int64.
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise BagError(f"image_patches needs an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     stride = patch if stride is None else stride
     if patch < 1 or stride < 1:
         raise BagError(f"patch and stride must be at least 1 px, got {patch} and {stride}")
-    h, w = image.shape[:2]
-    if h < patch or w < patch:
-        raise BagError(f"image is {w}x{h} px, smaller than one {patch}-px patch")
+    if height < patch or width < patch:
+        raise BagError(f"image is {width}x{height} px, smaller than one {patch}-px patch")
 
     def starts(n: int) -> list[int]:
         out = list(range(0, n - patch + 1, stride))
@@ -130,9 +148,68 @@ def image_patches(image: np.ndarray, patch: int, stride: int | None = None) -> t
             out.append(n - patch)
         return out
 
-    coords = np.array([(x, y) for y in starts(h) for x in starts(w)], np.int64)
-    patches = np.stack([image[y:y + patch, x:x + patch] for x, y in coords])
-    return torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))), coords
+    return np.array([(x, y) for y in starts(height) for x in starts(width)], np.int64)
+
+
+def _check_rgb(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise BagError(f"image patches need an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+
+
+def image_patches(image: np.ndarray, patch: int, stride: int | None = None) -> tuple[Tensor, np.ndarray]:
+    """Cut an RGB uint8 image (H, W, 3) into square patches on a grid that covers it
+    (:func:`covering_grid`). Returns ``(patches (N, 3, patch, patch) uint8, coords (N, 2) x, y
+    top-left)``."""
+    _check_rgb(image)
+    coords = covering_grid(image.shape[1], image.shape[0], patch, stride)
+    return torch.from_numpy(ImagePatches(image, coords, patch)[np.arange(len(coords))]), coords
+
+
+class ImagePatches:
+    """The patches of an in-memory RGB image at ``coords``, cut when indexed: ``patches[rows]`` is
+    (n, 3, size, size) uint8. Streams like a feature file (:func:`~wsi_amr.ips.iter_chunks`)
+    without a second copy of the image in patches."""
+
+    def __init__(self, image: np.ndarray, coords: np.ndarray, size: int) -> None:
+        _check_rgb(image)
+        self.image, self.coords, self.size = image, np.asarray(coords, np.int64), int(size)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        s = self.size
+        out = np.empty((len(np.atleast_1d(rows)), 3, s, s), np.uint8)
+        for i, (x, y) in enumerate(self.coords[np.atleast_1d(rows)]):
+            out[i] = self.image[y:y + s, x:x + s].transpose(2, 0, 1)
+        return out
+
+
+class SlidePatches:
+    """Square patches of a slide, read when indexed: ``patches[rows]`` is (n, 3, size, size) uint8,
+    ``size`` px at ``downsample`` level-0 px per px, top-left at level-0 ``coords[rows]``.
+
+    Only the rows asked for are read, so streaming it a chunk at a time
+    (:func:`~wsi_amr.ips.iter_chunks`) holds at most one chunk of patch images; the selected
+    patches are read again by index for re-encoding."""
+
+    def __init__(self, slide: Slide, coords: np.ndarray, size: int, downsample: float) -> None:
+        self.slide, self.coords = slide, np.asarray(coords, np.int64)
+        self.size, self.downsample = int(size), float(downsample)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def size_level0(self) -> float:
+        return self.size * self.downsample
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        s = self.size
+        out = np.empty((len(np.atleast_1d(rows)), 3, s, s), np.uint8)
+        for i, (x, y) in enumerate(self.coords[np.atleast_1d(rows)]):
+            out[i] = self.slide.read_region(int(x), int(y), s, s, self.downsample).transpose(2, 0, 1)
+        return out
 
 
 @dataclass(frozen=True)
@@ -144,12 +221,18 @@ class LabelledBag:
     label: int
 
 
-def read_labels_csv(path: str | Path, classes: Sequence[str] | None = None) -> tuple[list[LabelledBag], list[str]]:
+def read_labels_csv(
+    path: str | Path, classes: Sequence[str] | None = None, *, features: str | Path | None = None,
+    check_files: bool = True,
+) -> tuple[list[LabelledBag], list[str]]:
     """Bags from a ``slide,label`` CSV (a header row; paths relative to the CSV's folder).
 
     Labels are class names; ``classes`` fixes them and their order (an unknown label is an
-    error), otherwise they are the sorted distinct labels. Missing files, a missing column, a
-    duplicate slide or an empty list are errors. Returns ``(bags, class names)``.
+    error), otherwise they are the sorted distinct labels. With ``features`` (a folder), each
+    slide is the feature file ``<features>/<slide stem>.h5``, so the column may hold slide paths or
+    bare names. Missing files (unless ``check_files`` is False), a missing column, a duplicate
+    slide or an empty list are errors. A bag's name is the slide's stem (``a.ome.tif`` -> ``a``).
+    Returns ``(bags, class names)``.
     """
     path = Path(path)
     try:
@@ -174,13 +257,17 @@ def read_labels_csv(path: str | Path, classes: Sequence[str] | None = None) -> t
         raise BagError(f"{path}: only one class ({names[0]}); classification needs at least two")
     bags, seen, missing = [], set(), []
     for slide, lab in pairs:
-        src = Path(slide) if Path(slide).is_absolute() else path.parent / slide
+        stem = slide_stem(slide)
+        if features is not None:
+            src = Path(features) / f"{stem}.h5"
+        else:
+            src = Path(slide) if Path(slide).is_absolute() else path.parent / slide
         if src in seen:
             raise BagError(f"{path}: {slide} is listed twice")
         seen.add(src)
-        if not src.exists():
-            missing.append(slide)
-        bags.append(LabelledBag(Path(slide).name.split(".")[0], src, names.index(lab)))
+        if check_files and not src.exists():
+            missing.append(slide if features is None else str(src))
+        bags.append(LabelledBag(stem, src, names.index(lab)))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise BagError(f"{path}: {len(missing)} listed files do not exist: {', '.join(missing[:3])}{more}")

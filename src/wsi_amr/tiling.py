@@ -148,10 +148,11 @@ def read_tiles_h5(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 
     with h5py.File(path, "r") as f:
         ds = f["coords"]
-        return np.asarray(ds[:], np.int64), {k: _attr(v) for k, v in ds.attrs.items()}
+        return np.asarray(ds[:], np.int64), {k: plain_attr(v) for k, v in ds.attrs.items()}
 
 
-def _attr(value: Any) -> Any:
+def plain_attr(value: Any) -> Any:
+    """An HDF5 attribute as plain Python (str, list, int, float)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.ndarray):

@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -1057,8 +1057,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for the step after ``step`` done: linear warm-up, then cosine to lr / 100."""
+def learning_rate(step: int, cfg: Any) -> float:
+    """Learning rate for the step after ``step`` done: linear warm-up, then cosine to lr / 100
+    (``cfg``: any run config with ``lr``, ``steps`` and ``warmup_steps``)."""
     warm = cfg.warmup_steps
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -1067,7 +1068,8 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def make_optimizer(model: TokenSegmenter, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.AdamW:
+    """AdamW at ``cfg.lr``, ``cfg.weight_decay`` on weight matrices only."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and norms
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -1087,7 +1089,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def save_training_state(out: Path, model: TokenSegmenter, optimizer: torch.optim.Optimizer,
+def save_training_state(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         rng: np.random.Generator, meta: dict[str, Any]) -> None:
     """``OUT/last-state.safetensors`` (weights, optimizer moments, torch RNG) and
     ``OUT/last-state.json`` (step, numpy/Python RNG, optimizer settings, config)."""
@@ -1118,7 +1120,7 @@ def save_training_state(out: Path, model: TokenSegmenter, optimizer: torch.optim
     write_json_atomic(out / "last-state.json", doc)
 
 
-def load_training_state(out: Path, model: TokenSegmenter, optimizer: torch.optim.Optimizer,
+def load_training_state(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         rng: np.random.Generator, expect: dict[str, Any]) -> dict[str, Any]:
     """Restore what :func:`save_training_state` wrote; returns its JSON. Refuses a state whose
     architecture, classes or patching differ from ``expect``."""
@@ -1191,7 +1193,7 @@ RUN_FILES = ("last-state.json", "last-state.safetensors", "last.json", "last.saf
              "best.json", "best.safetensors", "metrics.jsonl")
 
 
-def check_previous_run(cfg: TrainConfig) -> None:
+def check_previous_run(cfg: Any) -> None:
     """Refuse an OUT that holds another run unless resuming it; on overwrite remove its files."""
     previous = [n for n in RUN_FILES if (cfg.out / n).exists()]
     if previous and not cfg.resume and not cfg.overwrite:
@@ -1203,7 +1205,7 @@ def check_previous_run(cfg: TrainConfig) -> None:
                 (cfg.out / name).unlink()
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def trim_metrics(path: Path, step: int) -> None:
     """Drop log lines past ``step`` (written after the state being resumed was saved)."""
     if not path.exists():
         return
@@ -1218,7 +1220,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 @contextlib.contextmanager
-def _graceful_interrupt() -> Any:
+def graceful_interrupt() -> Any:
     """The first Ctrl-C asks the loop to stop after the current step (so the saved state is a
     whole step); a second one interrupts at once."""
     flag = {"stop": False}
@@ -1266,6 +1268,23 @@ def train_segmenter(cfg: TrainConfig, progress: ProgressFn | None = None) -> dic
         notes.append(f"--max-size {cfg.quadtree.max_size} is larger than --crop {cfg.crop}: leaves are at most "
                      f"{cfg.crop_quadtree().max_size} px (recorded in the model card)")
         cfg = replace(cfg, quadtree=cfg.crop_quadtree())
+    with run_folder(cfg) as device:
+        data = load_training_data(cfg)
+        data.description["warnings"] = notes + data.description["warnings"]
+        try:
+            return _train(cfg, data, device, progress)
+        finally:
+            data.close()
+
+
+@contextlib.contextmanager
+def run_folder(cfg: Any) -> Iterator[torch.device]:
+    """Hold a training run's output folder for the block and yield its device.
+
+    ``cfg`` (any run config with ``out``, ``device``, ``threads``, ``resume``, ``overwrite``): the
+    device must exist, OUT must be writable and not locked by another run, and hold no other run
+    unless resuming (``overwrite`` clears it); torch uses ``threads`` inside the block.
+    """
     device = resolve_device(cfg.device)
     check_output(cfg.out)
     from .batch import slide_lock
@@ -1278,12 +1297,7 @@ def train_segmenter(cfg: TrainConfig, progress: ProgressFn | None = None) -> dic
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
-            data = load_training_data(cfg)
-            data.description["warnings"] = notes + data.description["warnings"]
-            try:
-                return _train(cfg, data, device, progress)
-            finally:
-                data.close()
+            yield device
         finally:
             torch.set_num_threads(threads_before)
 
@@ -1304,7 +1318,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
         doc = load_training_state(out, model, optimizer, rng, identity)
         step, best_dice, best_step = int(doc["step"]), float(doc["best_dice"]), int(doc["best_step"])
         seconds_before = float(doc.get("seconds", 0.0))
-        _trim_metrics(metrics, step)
+        trim_metrics(metrics, step)
         if step >= cfg.steps:
             raise TrainingInputError(f"--resume: {out} has already done {step} steps; give a larger --steps to go on")
     weights = np.array([s.area for s in data.train], np.float64)
@@ -1345,7 +1359,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
                                 "t0": time.perf_counter()}
     model.train()
     try:
-        with _graceful_interrupt() as interrupt:
+        with graceful_interrupt() as interrupt:
             try:
                 while step < cfg.steps:
                     if interrupt["stop"]:
@@ -1393,7 +1407,8 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
                         window["t0"] = time.perf_counter()  # validation is not training time
                     if progress is not None:
                         progress(step, cfg.steps, {"loss": loss_value, "lr": lr,
-                                                   "val_dice": last_val.get("val_foreground_dice")})
+                                                   "val": last_val.get("val_foreground_dice"),
+                                                   "val_name": "val_foreground_dice"})
             except KeyboardInterrupt:
                 save_last()
                 raise TrainingInterrupted(step, out) from None
