@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -234,6 +235,17 @@ def test_heatmap_colours_each_patch_by_its_attention_without_blur():
     assert (out[:20, :20] == low).all() and (out[:20, 20:40] == high).all()  # flat squares, no blur
     assert (out[25:, :20] == 200).all()  # no patch there: the slide as it was
     assert not (mid == low).all() and not (mid == high).all()
+
+
+def test_heatmap_blends_half_and_half_rounded_to_the_nearest_level():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    out = draw_attention(base, np.array([[0, 0], [40, 0]]), 40, np.array([0.2, 0.7]), downsample=2.0)
+    colour = cv2.cvtColor(cv2.applyColorMap(np.array([[0, 255]], np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)[0]
+    for cols, c in ((slice(0, 20), colour[0]), (slice(20, 40), colour[1])):  # lowest blue, highest red
+        expected = np.round(0.5 * base[:20, cols].astype(np.float32) + 0.5 * c.astype(np.float32))
+        assert (out[:20, cols] == expected.astype(np.uint8)).all()
+    assert (out[20:] == base[20:]).all()
 
 
 def test_attention_detections_are_level0_squares_minus_the_bounds_offset():
