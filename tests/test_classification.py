@@ -4,6 +4,13 @@ hand-computed examples, heatmap and attention detections. CPU, tiny models, seco
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -62,6 +69,46 @@ def test_predict_bag_selects_as_select_top_m_and_holds_at_most_m_plus_i():
     assert np.allclose(pred.probabilities, expected, atol=1e-6)
     assert np.allclose(pred.attention[order.numpy()], attn.numpy(), atol=1e-7)
     assert pred.attention.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_bag_times_each_part_of_the_pass():
+    torch.manual_seed(0)
+    model = IPSModel(IPSConfig(embed_dim=12, width=16, heads=2, memory=8, chunk=16, encoder="small-cnn",
+                               cnn_channels=8)).eval()
+    pred = predict_bag(model, torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), attention=True)
+    assert set(pred.seconds) == {"read", "encode", "select", "score", "aggregate"}
+    assert all(v >= 0 for v in pred.seconds.values()) and pred.seconds["encode"] > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's RSS from /proc")
+def test_slide_wide_attention_does_not_fragment_memory_over_many_chunks():
+    """Scoring every patch once kept one small tensor per chunk; allocated between each chunk's
+    large transient ones, they fragmented the C heap, and a 100k-patch slide's process grew by
+    about 1.5 MiB a chunk at 1,024 values a row (bench/ips_memory.py). Here, at 256 values a row,
+    the same code grew 65-71 MiB over 100,000 rows; the growing buffers 8-10 MiB. A fresh process,
+    so the heap starts clean."""
+    script = textwrap.dedent("""
+        import re, numpy as np, torch
+        from wsi_amr.classification import predict_bag
+        from wsi_amr.ips import IPSConfig, IPSModel
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = IPSModel(IPSConfig(embed_dim=256, memory=512, chunk=512)).eval()
+        block = np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32)
+        class Rows:  # a feature file's rows: a fresh array per chunk
+            n = 2048
+            def __len__(self): return self.n
+            def __getitem__(self, rows): return block[: len(rows)].copy()
+        def rss(): return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+        predict_bag(model, Rows(), attention=True)  # first-use allocations
+        Rows.n = 100_000
+        before = rss()
+        predict_bag(model, Rows(), attention=True)
+        print(rss() - before)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert float(out.stdout.split()[-1]) < 32
 
 
 def test_memory_larger_than_the_bag_uses_every_patch_unpadded():
@@ -188,6 +235,17 @@ def test_heatmap_colours_each_patch_by_its_attention_without_blur():
     assert (out[:20, :20] == low).all() and (out[:20, 20:40] == high).all()  # flat squares, no blur
     assert (out[25:, :20] == 200).all()  # no patch there: the slide as it was
     assert not (mid == low).all() and not (mid == high).all()
+
+
+def test_heatmap_blends_half_and_half_rounded_to_the_nearest_level():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    out = draw_attention(base, np.array([[0, 0], [40, 0]]), 40, np.array([0.2, 0.7]), downsample=2.0)
+    colour = cv2.cvtColor(cv2.applyColorMap(np.array([[0, 255]], np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)[0]
+    for cols, c in ((slice(0, 20), colour[0]), (slice(20, 40), colour[1])):  # lowest blue, highest red
+        expected = np.round(0.5 * base[:20, cols].astype(np.float32) + 0.5 * c.astype(np.float32))
+        assert (out[:20, cols] == expected.astype(np.uint8)).all()
+    assert (out[20:] == base[20:]).all()
 
 
 def test_attention_detections_are_level0_squares_minus_the_bounds_offset():

@@ -93,6 +93,9 @@ def check_slide_outputs(out_dir: Path, stats: dict) -> dict:
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert result["predicted"] == max(result["probabilities"], key=result["probabilities"].get)
     assert stats["predicted"] == result["predicted"] and stats["patches"] == result["patches"]
+    parts = ("read", "encode", "select", "score", "aggregate", "heatmap", "geojson")
+    assert all(stats[f"seconds_{p}"] >= 0 for p in parts)
+    assert sum(stats[f"seconds_{p}"] for p in parts) <= stats["seconds_total"] + 0.01
     heat = cv2.imread(str(out_dir / "heatmap.png"), cv2.IMREAD_COLOR)
     assert heat is not None and heat.ndim == 3 and min(heat.shape[:2]) > 0
     assert validate_geojson(out_dir / "attention.geojson") == []

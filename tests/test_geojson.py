@@ -19,6 +19,7 @@ from wsi_amr.geojson import (
     GeoJSONError,
     PathClass,
     clean_geometry,
+    make_box_feature,
     make_feature,
     read_geojson,
     validate_feature,
@@ -167,6 +168,26 @@ def test_make_feature_rejects_unknown_object_type_and_bad_id() -> None:
     fid = str(uuid.uuid4())
     f = make_feature(box(0, 0, 1, 1), feature_id=fid)
     assert f is not None and f["id"] == fid
+
+
+@pytest.mark.parametrize("corners", [(0, 0, 256, 256), (1024, 2048, 1341.44, 2365.44), (0.123456, 7.005001, 10.98765, 9.9)])
+def test_make_box_feature_is_make_feature_of_a_box(corners: tuple[float, float, float, float]) -> None:
+    fast = make_box_feature(*corners, object_type="detection", classification=TUMOR, measurements={"a": 0.5})
+    slow = make_feature(box(*corners), object_type="detection", classification=TUMOR, measurements={"a": 0.5})
+    assert fast is not None and slow is not None
+    assert fast["properties"] == slow["properties"] and uuid.UUID(fast["id"]).version == 4
+    assert shapely.equals_exact(shapely.normalize(shape(fast["geometry"])), shapely.normalize(shape(slow["geometry"])),
+                                tolerance=1e-9)
+    if all(round(c, 2) == c for c in corners):  # on the grid: the very same JSON, vertex order included
+        assert fast["geometry"] == slow["geometry"]
+    assert validate_feature(fast) == []
+
+
+def test_make_box_feature_drops_what_is_empty_at_a_hundredth_of_a_pixel() -> None:
+    assert make_box_feature(0, 0, 0.004, 10) is None and make_feature(box(0, 0, 0.004, 10)) is None
+    assert make_box_feature(5, 5, 5, 6) is None and make_box_feature(0, 0, float("inf"), 1) is None
+    with pytest.raises(TypeError, match="measurement"):
+        make_box_feature(0, 0, 1, 1, measurements={"m": "1.0"})
 
 
 @pytest.mark.parametrize("color", [(256, 0, 0), (1, 2), (1.0, 2, 3), (True, 0, 0), "red"])

@@ -20,6 +20,7 @@ embeddings and ``I`` patch images are held however large the slide.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -274,7 +275,12 @@ def embedder(model: IPSModel, encoder: TorchScriptEncoder | None = None) -> Call
 class BagPrediction:
     """What :func:`predict_bag` found: class probabilities (K,), the selected rows (M' = min(M, N),
     by decreasing attention within them), and with ``attention=True`` every row's slide-wide
-    attention (N,) in row order (sums to 1)."""
+    attention (N,) in row order (sums to 1).
+
+    ``seconds``: wall time by part of the pass: ``read`` (rows fetched: slide reads, patch cutting,
+    feature file reads), ``encode`` (the patch encoder; about 0 for embeddings), ``select`` (the
+    top-M merges), ``score`` (the slide-wide attention: each chunk's attention logits and the
+    final normalisation) and ``aggregate`` (the prediction from the M kept)."""
 
     probabilities: np.ndarray
     selected: np.ndarray
@@ -282,6 +288,7 @@ class BagPrediction:
     attention: np.ndarray | None
     patches: int
     peak_embeddings: int
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def predict_bag(model: IPSModel, rows: Any, *, memory: int | None = None, chunk: int | None = None,
@@ -300,15 +307,33 @@ def predict_bag(model: IPSModel, rows: Any, *, memory: int | None = None, chunk:
     embed = embedder(model, encoder)
     kept: tuple[Tensor, Tensor] | None = None
     peak = 0
+    device = next(model.parameters()).device
+    # Kernels on an accelerator run asynchronously: wait for them, or time lands in the wrong part.
+    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    seconds = dict.fromkeys(("read", "encode", "select", "score", "aggregate"), 0.0)
 
     def stream() -> Iterator[tuple[Tensor, Tensor]]:
         nonlocal kept, peak
-        for x, ids in iter_chunks(rows, i):
+        chunks = iter_chunks(rows, i)
+        while True:
+            t0 = time.perf_counter()
+            item = next(chunks, None)
+            if item is None:
+                return
+            x, ids = item
+            t1 = time.perf_counter()
             emb = embed(x)
+            sync()
+            t2 = time.perf_counter()
             pieces = [(emb, ids)] if kept is None else [kept, (emb, ids)]
             peak = max(peak, sum(len(p[1]) for p in pieces))
             e, idx, _ = select_top_m(model, pieces, m, chunk=m + i)
             kept = (e, idx)
+            sync()
+            t3 = time.perf_counter()
+            seconds["read"] += t1 - t0
+            seconds["encode"] += t2 - t1
+            seconds["select"] += t3 - t2
             yield emb, ids
 
     was_training = model.training
@@ -316,6 +341,7 @@ def predict_bag(model: IPSModel, rows: Any, *, memory: int | None = None, chunk:
     try:
         with torch.no_grad():
             full = None
+            t_pass = time.perf_counter()
             if attention:
                 order, attn = score_all(model, stream(), chunk=i)
                 full = np.empty(len(order), np.float64)
@@ -323,13 +349,17 @@ def predict_bag(model: IPSModel, rows: Any, *, memory: int | None = None, chunk:
             else:
                 for _ in stream():
                     pass
+            sync()
+            t_agg = time.perf_counter()
+            seconds["score"] = max(0.0, t_agg - t_pass - seconds["read"] - seconds["encode"] - seconds["select"])
             if kept is None:
                 raise BagError("the bag is empty (0 patches)")
             emb, idx = kept
             logits, attn_kept = model.aggregate(emb[None])
             probs = logits.softmax(-1)[0].double().cpu().numpy()
             kept_attention = attn_kept.mean(dim=(1, 2))[0].double().cpu().numpy()
+            seconds["aggregate"] = time.perf_counter() - t_agg
     finally:
         model.train(was_training)
     return BagPrediction(probs, idx.numpy(), kept_attention, full, len(full) if full is not None else int(len(rows)),
-                         peak)
+                         peak, seconds)

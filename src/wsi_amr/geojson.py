@@ -267,6 +267,45 @@ def make_feature(
     Returns:
         The Feature dict, or None when the geometry has no valid polygonal area at 0.01 px.
     """
+    properties = _properties(object_type, classification, name, measurements, feature_id)
+    cleaned = clean_geometry(geometry)
+    if cleaned is None:
+        return None
+    return _clean_feature(_geometry_json(cleaned), properties, feature_id)
+
+
+def make_box_feature(
+    x0: float,
+    y0: float,
+    x1: float,
+    y1: float,
+    *,
+    object_type: str = "annotation",
+    classification: PathClass | None = None,
+    name: str | None = None,
+    measurements: Mapping[str, float] | None = None,
+    feature_id: str | None = None,
+) -> dict[str, Any] | None:
+    """The Feature :func:`make_feature` makes of ``shapely.geometry.box(x0, y0, x1, y1)``, built
+    without shapely: an axis-aligned rectangle (level-0 px, ``x0 < x1``, ``y0 < y1``) is valid
+    whenever it keeps some width and height on the 0.01 px grid, so it needs no repair. About 20x
+    faster, for the hundreds of thousands of squares a tile or patch grid gives.
+
+    Returns None when the rectangle is empty at 0.01 px (``make_feature`` drops it too). Other
+    arguments as :func:`make_feature`.
+    """
+    properties = _properties(object_type, classification, name, measurements, feature_id)
+    a, b, c, d = (round(float(v), COORDINATE_DECIMALS) for v in (x0, y0, x1, y1))
+    if not (c > a and d > b) or not all(map(math.isfinite, (a, b, c, d))):
+        return None
+    # shapely's box ring: counter-clockwise (in x right, y up), from the (x1, y0) corner.
+    ring = [[c, b], [c, d], [a, d], [a, b], [c, b]]
+    return _clean_feature({"type": "Polygon", "coordinates": [ring]}, properties, feature_id)
+
+
+def _properties(object_type: str, classification: PathClass | None, name: str | None,
+                measurements: Mapping[str, float] | None, feature_id: str | None) -> dict[str, Any]:
+    """A Feature's checked ``properties`` (the arguments of :func:`make_feature`)."""
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {sorted(OBJECT_TYPES)}, got {object_type!r}")
     if feature_id is not None and not _is_uuid(feature_id):
@@ -275,9 +314,6 @@ def make_feature(
         raise TypeError(f"classification must be a PathClass, got {type(classification).__name__}")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
-    cleaned = clean_geometry(geometry)
-    if cleaned is None:
-        return None
     properties: dict[str, Any] = {"objectType": object_type}
     if classification is not None:
         properties["classification"] = classification.to_json()
@@ -291,7 +327,10 @@ def make_feature(
                 values[str(key)] = v
         if values:
             properties["measurements"] = values
-    geometry_json = _geometry_json(cleaned)
+    return properties
+
+
+def _clean_feature(geometry_json: dict[str, Any], properties: dict[str, Any], feature_id: str | None) -> _CleanFeature:
     feature = _CleanFeature(type="Feature", id=feature_id if feature_id is not None else str(uuid.uuid4()),
                             geometry=geometry_json, properties=properties)
     feature.clean_geometry = geometry_json
