@@ -166,6 +166,7 @@ def test_interrupted_batch_resumes_where_it_stopped(runner, rect_slide, tmp_path
     (["--context", "-1"], "--context"),
     (["--window", "32"], "--window"),
     (["--simplify", "-1"], "--simplify"),
+    (["--device", "cuda:99"], "--device"),
 ])
 def test_bad_options_exit_2(runner, rect_slide, tmp_path, args, needle):
     slide, _ = rect_slide

@@ -456,6 +456,8 @@ def segment(
     gzip: Annotated[bool, typer.Option("--gzip", help="Write <stem>.geojson.gz.")] = False,
     mask_tiff: Annotated[bool, typer.Option("--mask-tiff", help="Also write mask.tiff: the class of every "
                                             "pixel at the working mpp, a pyramidal label TIFF.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where the model runs: auto (a GPU when there is "
+                                        "one), cpu, cuda, cuda:N or mps.")] = "auto",
     modality: Modality = "auto",
     tissue_threshold: TissueThreshold = None,
     min_area: MinTissueArea = TissueParams.min_area_um2,
@@ -503,11 +505,17 @@ def segment(
         _fail_usage(f"--context must be 0 or a positive number of px, got {context}")
     if simplify < 0 or min_object < 0:
         _fail_usage("--simplify and --min-object must not be negative")
+    from .training import TrainingError, resolve_device
+
+    try:
+        resolve_device(device)
+    except TrainingError as exc:
+        _fail_usage(str(exc))
     params = {
         "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
         "segment": {"model": str(weights.resolve()), "model_sha256": doc.get("weights_sha256"), "patching": patching,
                     "window": window, "overlap": overlap, "context": context, "simplify_um": simplify, "min_area_um2": min_object,
-                    "object_type": object_type, "gzip": gzip, "mask_tiff": mask_tiff},
+                    "object_type": object_type, "gzip": gzip, "mask_tiff": mask_tiff, "device": device},
     }
     run_slides("segment", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
                slide_mpp=slide_mpp, debug=debug)

@@ -93,7 +93,10 @@ def write_objects(path: Path, objects: Objects, names: list[str], colors: list[l
 def run(ctx: JobContext) -> dict[str, Any]:
     t_start = time.perf_counter()
     sp = ctx.params["segment"]
+    from ..training import resolve_device
+
     model, card = load_checkpoint(sp["model"])
+    model.to(resolve_device(sp.get("device") or "auto"))
     import torch
 
     torch.set_num_threads(max(1, ctx.threads))
