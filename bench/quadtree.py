@@ -8,7 +8,7 @@ cross a window). Per window, timed apart:
 
 - read: ``Slide.read_region`` of the window plus a margin (the blur and Canny see across the
   window's borders, as the ``wsi-amr quadtree`` command does);
-- edges: ``quadtree.edge_map`` on it, cropped back to the window;
+- edges: ``quadtree.params_edge_map`` on it (at the edge downsampling), cropped back to the window;
 - tree: ``quadtree.build_quadtree`` on the window's edge map (default ``QuadtreeParams``).
 
 The tree is built with the window's tissue mask, as the command builds it (``tissue.detect_tissue``
@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from wsi_amr.quadtree import (  # noqa: E402
     QuadtreeParams,
     build_quadtree,
-    edge_map,
+    params_edge_map,
     morton_order,
     uniform_token_count,
 )
@@ -108,8 +108,9 @@ def measure(path: Path, mpp: float, window: int, params: QuadtreeParams) -> dict
         # A process's first window pays for first touches of its buffers (several hundred MB at
         # 4096 px); warm up on one synthetic window so that a one-window slide is not all that.
         noise = np.random.default_rng(0).integers(0, 256, (window + 2 * MARGIN, window + 2 * MARGIN, 3), np.uint8)
-        warm = edge_map(noise, params.blur_kernel, params.canny_low, params.canny_high)[MARGIN:-MARGIN, MARGIN:-MARGIN]
-        build_quadtree(warm, params, warm > 0)
+        f = params.edge_downsample  # MARGIN is a multiple of it, so edge cells line up with the window's
+        warm = params_edge_map(noise, params)[MARGIN // f:-MARGIN // f, MARGIN // f:-MARGIN // f]
+        build_quadtree(warm, params, shape=(window, window))
         del noise, warm
         for y in range(0, height, window):
             for x in range(0, width, window):
@@ -119,13 +120,13 @@ def measure(path: Path, mpp: float, window: int, params: QuadtreeParams) -> dict
                 t0 = time.perf_counter()
                 rgb = slide.read_region((x - left) * ds, (y - top) * ds, w + left + right, h + top + bottom, ds)
                 t1 = time.perf_counter()
-                edges = edge_map(rgb, params.blur_kernel, params.canny_low, params.canny_high)[top:top + h, left:left + w]
+                edges = params_edge_map(rgb, params)[top // f:(top + h + f - 1) // f, left // f:(left + w + f - 1) // f]
                 t2 = time.perf_counter()
                 tis = window_tissue(tissue, tissue_ds, ds, x, y, w, h)
                 t2b = time.perf_counter()
                 leaves_t = build_quadtree(edges, params, tis)
                 t3 = time.perf_counter()
-                leaves = build_quadtree(edges, params)
+                leaves = build_quadtree(edges, params, shape=(h, w))
                 times["read"] += t1 - t0
                 times["edges"] += t2 - t1
                 times["tree"] += t3 - t2b

@@ -146,6 +146,31 @@ def test_bad_parameters_are_refused(kwargs, needle):
         build_quadtree(np.zeros((64, 64), np.uint8), QuadtreeParams(**kwargs))
 
 
+def test_downsampled_edges_without_a_shape_are_refused():
+    # A full-resolution map given where half-resolution edges are expected would cover twice the image.
+    with pytest.raises(QuadtreeError, match="shape"):
+        build_quadtree(np.zeros((64, 64), np.uint8), QuadtreeParams(edge_downsample=2))
+
+
+def test_half_resolution_edges_give_leaves_over_the_whole_image():
+    rng = np.random.default_rng(5)
+    img = np.full((200, 300, 3), 235, np.uint8)
+    img[40:160, 60:220] = (150, 60, 140)  # one dark block: edges along its border only
+    img = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
+    p = QuadtreeParams(min_size=8, max_size=64, blur_kernel=5, canny_low=60, canny_high=120,
+                       split_threshold=4, edge_downsample=2)
+    edges = edge_map(img, p.blur_kernel, p.canny_low, p.canny_high, downsample=2)
+    assert edges.shape == (100, 150)
+    leaves = build_quadtree(edges, p, shape=img.shape[:2])
+    assert int((leaves.size ** 2).sum()) == 256 * 320  # the padded root grid, tiled
+    small = leaves.size == 8
+    assert small.any() and (leaves.size == 64).any()
+    # Small leaves lie along the block's border, none deep inside it or far out on the glass.
+    cx, cy = leaves.x[small] + 4, leaves.y[small] + 4
+    near = (np.minimum(np.abs(cx - 60), np.abs(cx - 220)) < 24) | (np.minimum(np.abs(cy - 40), np.abs(cy - 160)) < 24)
+    assert near.all()
+
+
 def test_tissue_of_the_wrong_size_is_refused():
     with pytest.raises(QuadtreeError, match="tissue mask"):
         build_quadtree(np.zeros((64, 64), np.uint8), QuadtreeParams(edge_downsample=1), np.ones((32, 64), bool))

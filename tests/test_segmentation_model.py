@@ -74,7 +74,7 @@ def test_one_batch_overfit_reaches_near_perfect_dice():
     labels = (((xx - 22) ** 2 + (yy - 25) ** 2) < 14**2).astype(np.int64)
     image = np.where(labels[..., None] == 1, [200, 80, 160], [240, 235, 238]).astype(np.float32)
     image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
-    leaves = build_quadtree(edge_map(image), QuadtreeParams(min_size=4, max_size=32, split_threshold=0.0))
+    leaves = build_quadtree(edge_map(image), QuadtreeParams(min_size=4, max_size=32, split_threshold=0.0, edge_downsample=1))
     tok = torch.from_numpy(tokenise(image, leaves, 4) / 255.0)[None]
     target = torch.from_numpy(tokenise(labels.astype(np.float32), leaves, 4, fill=0)[..., 0].round().astype(np.int64))[None]
     geom = torch.from_numpy(token_geometry(leaves))[None]
@@ -98,7 +98,7 @@ def test_one_batch_overfit_reaches_near_perfect_dice():
 def test_uniform_and_adaptive_leaves_run_through_the_same_model():
     model = TokenSegmenter(SMALL).eval()
     img = np.random.default_rng(0).integers(0, 255, (32, 32, 3)).astype(np.uint8)
-    for leaves in (uniform_leaves((32, 32), 4), build_quadtree(edge_map(img), QuadtreeParams(min_size=4, max_size=16))):
+    for leaves in (uniform_leaves((32, 32), 4), build_quadtree(edge_map(img), QuadtreeParams(min_size=4, max_size=16, edge_downsample=1))):
         t = torch.from_numpy(tokenise(img, leaves, 4))[None]
         out = model(t, torch.from_numpy(token_geometry(leaves))[None], torch.ones(1, len(leaves), dtype=torch.bool))
         assert out.shape[1] == len(leaves)

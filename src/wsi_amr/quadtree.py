@@ -220,7 +220,7 @@ def build_quadtree(
     ``edges`` is (H, W), or with ``params.edge_downsample`` f > 1 the (ceil(H / f), ceil(W / f))
     map :func:`params_edge_map` gives. ``tissue`` (H, W) bool, at the working resolution: leaves
     with no tissue pixel are dropped. Without it every leaf that overlaps the image is kept, and
-    (H, W) is ``shape`` or else the edge map's size times f. The image is covered by a grid of
+    (H, W) is ``shape``, which may be left out only when f is 1. The image is covered by a grid of
     ``max_size`` roots from its top-left corner; roots past the right and bottom edges are padded
     (no edges, no tissue there).
     """
@@ -230,7 +230,9 @@ def build_quadtree(
     f = params.edge_downsample
     if tissue is not None:
         shape = tissue.shape
-    h, w = shape if shape is not None else (edges.shape[0] * f, edges.shape[1] * f)
+    if shape is None and f > 1:  # a full-resolution edge map would pass silently as half the image
+        raise QuadtreeError(f"edges found at 1/{f} resolution need the image's shape (or a tissue mask)")
+    h, w = shape if shape is not None else edges.shape
     if edges.shape != (-(-h // f), -(-w // f)):
         at = f" at edge downsample {f}" if f > 1 else ""
         raise QuadtreeError(f"{'tissue mask' if tissue is not None else 'image'} is {w}x{h}, "
