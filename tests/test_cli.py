@@ -274,6 +274,8 @@ def test_killed_tile_run_resumes_without_redoing_or_partial_files(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # The killed run leaves its lock behind (a dead pid): the next run takes it over.
+    assert json.loads((out / "big" / ".lock").read_text())["pid"] == proc.pid
     n_before = len([p for p in tiles.glob("*.png") if not p.name.startswith(".tmp-")])
     assert 0 < n_before < 56 * 56
     manifest = json.loads((out / "big" / "manifest.json").read_text()) if (out / "big" / "manifest.json").exists() else {}
@@ -286,7 +288,7 @@ def test_killed_tile_run_resumes_without_redoing_or_partial_files(tmp_path):
     assert status["big"]["status"] == "done"
     assert status["big"]["stats"]["images_written"] == status["big"]["stats"]["tiles"] - n_before
     names = [p.name for p in (out / "big").rglob("*")]
-    assert not [n for n in names if n.startswith(".tmp-")]
+    assert not [n for n in names if n.startswith(".tmp-")] and ".lock" not in names
     coords, _ = _read_tiles(out / "big" / "tiles.h5")
     assert len(list(tiles.glob("*.png"))) == len(coords)
     for p in list(tiles.glob("*.png"))[:: max(1, len(coords) // 50)]:

@@ -4,6 +4,11 @@ The runner takes the resolved slide list and the name of a per-slide job, and fo
 skips it when its outputs are complete and current (unless ``overwrite``), takes the slide's lock,
 runs the job, and records the outcome in ``OUT/<stem>/manifest.json`` and ``OUT/summary.csv``.
 A failing slide fails alone; the caller gets every result back and turns them into an exit status.
+
+The same tasks run serially, on a local process pool (``--jobs``), or on a Dask cluster
+(``--scheduler``, :mod:`wsi_amr.cluster`); a run may take only its shard of the list (``--shard``,
+or the Slurm job-array task it runs in). The per-slide lock keeps any two runs, on any hosts, off
+the same slide at once, so shards, concurrent runs and retried cluster tasks are all safe.
 """
 
 from __future__ import annotations
@@ -16,18 +21,21 @@ import importlib
 import io
 import json
 import os
+import re
 import socket
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .outputs import remove_stale_temporaries, write_json_atomic
+from .outputs import TMP_PREFIX, remove_stale_temporaries, write_json_atomic
 from .slide import SLIDE_EXTENSIONS, MissingMppError, SlideError, slide_stem
 
 # Per-slide jobs by command name, as "module:function"; imported inside the worker so that the
@@ -256,6 +264,13 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+#: A lock is refreshed (its mtime touched) this often while held, so that runs on other hosts,
+#: which cannot ask whether the holder's process is alive, can tell a live lock from a dead one.
+LOCK_REFRESH_S = 30.0
+#: A lock from another host not refreshed for this long is stale (its holder died or was cut off).
+LOCK_STALE_S = 300.0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -266,43 +281,136 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def slide_lock(out_dir: Path) -> Iterator[bool]:
-    """Hold ``OUT/<stem>/.lock`` (host, pid, time) while a slide is worked on.
+def process_identity(pid: int) -> str | None:
+    """Boot id and start time of process ``pid`` (Linux), or None where unknown: with the pid it
+    names one process, so a lock's pid reused by an unrelated process does not look alive."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
 
-    Yields False when another live process holds it. A lock left by a dead process on this host
-    is taken over.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = out_dir / LOCK
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now()}
-    for _ in range(2):
+
+def lock_is_stale(holder: dict[str, Any], age_s: float) -> bool:
+    """Whether a lock whose file says ``holder`` and was last refreshed ``age_s`` ago belongs to no
+    live run: on this host its process is gone (or the pid now names another process); from
+    another host, or unreadable, it has not been refreshed for :data:`LOCK_STALE_S`."""
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        if not _pid_alive(pid):
+            return True
+        recorded, now = holder.get("process"), process_identity(pid)
+        return recorded is not None and now is not None and recorded != now
+    return age_s > LOCK_STALE_S
+
+
+def _create_lock(lock: Path, text: str) -> bool:
+    """Create ``lock`` holding ``text`` unless it exists; the file never appears empty (written
+    aside and hard-linked into place; O_EXCL where links are not supported)."""
+    tmp = lock.with_name(f"{TMP_PREFIX}{lock.name}-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some FUSE and FAT file systems)
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            same_host = holder.get("host") == me["host"]
-            pid = holder.get("pid")
-            if same_host and isinstance(pid, int) and not _pid_alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue  # stale: take it over
-            if not holder:  # an empty lock being written right now, or garbage: treat as held
-                pass
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _break_stale_lock(lock: Path) -> bool:
+    """Remove ``lock`` if it is stale; True when it was (or is gone). Breakers take a short guard
+    file first and re-read the lock under it, so two runs never both break the same lock and one
+    of them delete the other's fresh lock."""
+    try:
+        text = lock.read_text()
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    if not lock_is_stale(_lock_holder(text), age):
+        return False
+    guard = lock.with_name(lock.name + ".break")
+    if not _create_lock(guard, text):
+        with contextlib.suppress(OSError):  # a breaker that died holding the guard
+            if time.time() - guard.stat().st_mtime > LOCK_REFRESH_S:
+                guard.unlink()
+        return False
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if lock.read_text() == text:
+                lock.unlink()
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            guard.unlink()
+
+
+def _lock_holder(text: str) -> dict[str, Any]:
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def read_lock(out_dir: Path) -> dict[str, Any] | None:
+    """What ``OUT/<stem>/.lock`` says (host, pid, time, ...; empty when unreadable), or None when
+    there is no lock."""
+    try:
+        return _lock_holder((out_dir / LOCK).read_text())
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+
+
+@contextlib.contextmanager
+def slide_lock(out_dir: Path) -> Iterator[bool]:
+    """Hold ``OUT/<stem>/.lock`` (host, pid, process identity, time) while a slide is worked on.
+
+    Yields False when a live run holds it. A stale lock (:func:`lock_is_stale`) is taken over.
+    While held, a background thread refreshes the file's mtime every :data:`LOCK_REFRESH_S`.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = out_dir / LOCK
+    pid = os.getpid()
+    text = json.dumps({"host": socket.gethostname(), "pid": pid, "process": process_identity(pid), "time": _now()})
+    for _ in range(5):
+        if _create_lock(lock, text):
+            break
+        if not _break_stale_lock(lock):
             yield False
             return
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(me))
-        try:
-            yield True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+    else:
+        yield False
         return
-    yield False
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(LOCK_REFRESH_S):
+            with contextlib.suppress(OSError):
+                os.utime(lock)
+
+    beat = threading.Thread(target=refresh, name=f"lock {out_dir.name}", daemon=True)
+    beat.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            if lock.read_text() == text:  # still ours (not broken by a run that found it stale)
+                lock.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,17 +428,14 @@ def run_task(task: SlideTask, progress: Callable[[int, int], None] | None = None
     out_dir = Path(task.out_dir)
     result = SlideResult(slide=str(path), stem=stem, command=task.command, status="failed", out_dir=str(out_dir))
     if not task.overwrite and is_current(task, out_dir):
-        result.status = "skipped"
-        result.message = "outputs complete and current"
-        step = read_manifest(out_dir)["steps"][task.command]
-        result.outputs, result.stats = step.get("outputs", {}), step.get("stats") or {}
-        return result
+        return _skipped(result, out_dir)
     start = time.perf_counter()
     with slide_lock(out_dir) as got:
         if not got:
-            result.status = "locked"
-            result.message = f"another run is working on this slide ({out_dir / LOCK})"
-            return result
+            return _locked(result, out_dir)
+        # Another run may have finished this slide between the check above and the lock.
+        if not task.overwrite and is_current(task, out_dir):
+            return _skipped(result, out_dir)
         remove_stale_temporaries(out_dir)
         ctx = JobContext(path, out_dir, task.params, task.slide_mpp, max(1, task.threads))
         if progress is not None:
@@ -374,8 +479,32 @@ def run_task(task: SlideTask, progress: Callable[[int, int], None] | None = None
     return result
 
 
-def _run_task_in_worker(task: SlideTask) -> SlideResult:
+def _skipped(result: SlideResult, out_dir: Path, message: str = "outputs complete and current") -> SlideResult:
+    step = read_manifest(out_dir)["steps"][result.command]
+    result.status, result.message = "skipped", message
+    result.outputs, result.stats = step.get("outputs", {}), step.get("stats") or {}
+    return result
+
+
+def _locked(result: SlideResult, out_dir: Path) -> SlideResult:
+    holder = read_lock(out_dir) or {}
+    who = f" (host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('time')})" if holder else ""
+    result.status = "locked"
+    result.message = f"{Path(result.slide).name}: another run is working on this slide{who}; {out_dir / LOCK}"
+    return result
+
+
+def run_task_in_worker(task: SlideTask) -> SlideResult:
+    """:func:`run_task` without a progress hook: what a pool or cluster worker runs."""
     return run_task(task)
+
+
+def worker_failed(task: SlideTask, exc: BaseException) -> SlideResult:
+    """The result of a task whose worker failed under it: the process died (killed, out of
+    memory), or could not run it at all (wsi-amr missing on a cluster worker)."""
+    return SlideResult(task.slide, slide_stem(task.slide), task.command, "failed",
+                       message=f"{Path(task.slide).name}: its worker failed ({type(exc).__name__}: {exc})",
+                       out_dir=task.out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,77 +518,162 @@ class BatchOptions:
     slide_mpp: float | None = None
     debug: bool = False
     command_line: str = ""
+    shard: tuple[int, int] | None = None  # (index, count): this run's share of the slides
+    scheduler: str | None = None  # a Dask scheduler (see wsi_amr.cluster); None: this machine
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; :class:`InputError` (one line) otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise InputError(f"--shard must be I/N (share I of N, counted from 0), e.g. 0/4, not {text!r}")
+    index, count = int(m[1]), int(m[2])
+    if count < 1 or index >= count:
+        raise InputError(f"--shard {text}: N must be at least 1 and I one of 0..N-1 (the shards of 4 are 0/4 to 3/4)")
+    return index, count
+
+
+def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """The shard of a Slurm job-array task, or None outside a job array.
+
+    The task's place among ``SLURM_ARRAY_TASK_COUNT`` tasks: ``SLURM_ARRAY_TASK_ID`` counted from
+    ``SLURM_ARRAY_TASK_MIN`` in steps of ``SLURM_ARRAY_TASK_STEP`` (``--array=0-9`` and
+    ``--array=1-20:2`` both work; a list such as ``--array=1,5,7`` needs ``--shard``).
+    """
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return None
+    try:
+        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        first = int(env.get("SLURM_ARRAY_TASK_MIN") or 0)
+        step = max(1, int(env.get("SLURM_ARRAY_TASK_STEP") or 1))
+    except ValueError:
+        raise InputError("SLURM_ARRAY_TASK_ID/_COUNT/_MIN/_STEP are not whole numbers; give --shard I/N") from None
+    index, off = divmod(task - first, step)
+    if off or not 0 <= index < count:
+        raise InputError(f"SLURM_ARRAY_TASK_ID {task} is not one of {count} array tasks from {first} in steps of "
+                         f"{step}; use a range (--array=0-{count - 1}) or give --shard I/N")
+    return index, count
+
+
+def in_shard(items: Sequence[Any], index: int, count: int, key: Callable[[Any], Any]) -> list[Any]:
+    """The items of shard ``index`` of ``count``: the items sorted by ``key`` are dealt out in turn,
+    so every item is in exactly one shard and shards differ in size by at most one, whatever order
+    each shard's run was given them in. Input order is kept within the shard."""
+    order = sorted(range(len(items)), key=lambda i: key(items[i]))
+    mine = set(order[index::count])
+    return [item for i, item in enumerate(items) if i in mine]
 
 
 def make_tasks(command: str, slides: Sequence[Path], params: dict[str, Any], opts: BatchOptions) -> tuple[list[SlideTask], list[SlideResult]]:
-    """One task per slide; slides whose output folder would collide with another's fail."""
-    tasks: list[SlideTask] = []
-    clashes: list[SlideResult] = []
+    """One task per slide of this run's shard (all slides without one); slides whose output folder
+    would collide with another's fail. Collisions are found over the whole list, so every shard
+    agrees on them."""
+    items: list[SlideTask | SlideResult] = []
     seen: dict[str, Path] = {}
-    n_threads = max(1, opts.jobs // max(1, len(slides)))
     for path in slides:
         stem = slide_stem(path)
         if stem in seen:
-            clashes.append(
+            items.append(
                 SlideResult(str(path), stem, command, "failed",
                             message=f"{path}: same name as {seen[stem]}; both would write {opts.out / stem} (rename one)")
             )
             continue
         seen[stem] = path
-        tasks.append(
-            SlideTask(command, str(path), str(opts.out / stem), params, opts.slide_mpp, opts.overwrite,
-                      n_threads, opts.debug, opts.command_line)
-        )
-    return tasks, clashes
+        items.append(SlideTask(command, str(path), str(opts.out / stem), params, opts.slide_mpp, opts.overwrite,
+                               1, opts.debug, opts.command_line))
+    if opts.shard is not None:
+        items = in_shard(items, *opts.shard,
+                         key=lambda item: (slide_stem(item.slide), str(Path(item.slide).resolve())))
+    tasks = [item for item in items if isinstance(item, SlideTask)]
+    # Spare local processes speed up one slide's tile reads; a cluster worker runs one slide alone.
+    threads = 1 if opts.scheduler else max(1, opts.jobs // max(1, len(tasks)))
+    for task in tasks:
+        task.threads = threads
+    return tasks, [item for item in items if isinstance(item, SlideResult)]
 
 
 def run_batch(
     tasks: Sequence[SlideTask],
     *,
     jobs: int = 1,
+    scheduler: str | None = None,
     on_result: Callable[[SlideResult], None] | None = None,
     progress_factory: Callable[[int], Any] | None = None,
 ) -> list[SlideResult]:
-    """Run ``tasks`` serially or on a pool of ``jobs`` processes; results in input order."""
+    """Run ``tasks`` serially, on a pool of ``jobs`` local processes, or on the Dask cluster at
+    ``scheduler`` (:mod:`wsi_amr.cluster`); results in input order, the same whatever ran them.
+
+    Slides another run held locked are looked at again once the rest are done: those it finished
+    meanwhile count as skipped. ``on_result`` sees every result once, locked ones last.
+    """
     results: dict[int, SlideResult] = {}
     progress = progress_factory(len(tasks)) if progress_factory else None
 
     def finish(i: int, res: SlideResult) -> None:
         results[i] = res
-        if on_result:
+        if on_result and res.status != "locked":
             on_result(res)
         if progress is not None:
             progress.slide_done(res)
 
     try:
         workers = min(jobs, len(tasks))
-        if workers <= 1:
+        if scheduler is not None:
+            from .cluster import run_on_cluster
+
+            run_on_cluster(scheduler, tasks, finish)
+        elif workers <= 1:
             for i, task in enumerate(tasks):
                 cb = progress.slide_progress(task) if progress is not None else None
                 finish(i, run_task(task, cb))
         else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                pending: dict[Future[SlideResult], int] = {
-                    pool.submit(_run_task_in_worker, t): i for i, t in enumerate(tasks)
-                }
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        i = pending.pop(fut)
-                        try:
-                            res = fut.result()
-                        except Exception as exc:  # a worker died (killed, out of memory)
-                            t = tasks[i]
-                            res = SlideResult(t.slide, slide_stem(t.slide), t.command, "failed",
-                                              message=f"{Path(t.slide).name}: worker process died ({exc})",
-                                              out_dir=t.out_dir)
-                        finish(i, res)
+            _run_on_pool(tasks, workers, finish)
     finally:
         if progress is not None:
             progress.close()
+    for i, res in sorted(results.items()):
+        if res.status == "locked":
+            task = tasks[i]
+            if not task.overwrite and is_current(task, Path(task.out_dir)):
+                results[i] = _skipped(res, Path(task.out_dir), "finished by another run while this one ran")
+            if on_result:
+                on_result(results[i])
     return [results[i] for i in sorted(results)]
+
+
+@contextlib.contextmanager
+def spawning_without_main() -> Iterator[None]:
+    """Worker processes spawned inside the block skip re-importing this program's ``__main__``.
+
+    A spawned process first imports its parent's main module: for ``wsi-amr`` the whole command
+    line, torch included, several seconds a worker (tens on a loaded machine), where a slide task
+    needs only :mod:`wsi_amr.batch` and its job module. Tasks never refer to ``__main__``.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _run_on_pool(tasks: Sequence[SlideTask], workers: int, finish: Callable[[int, SlideResult], None]) -> None:
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        with spawning_without_main():  # the pool starts its processes as tasks are submitted
+            pending: dict[Future[SlideResult], int] = {pool.submit(run_task_in_worker, t): i
+                                                       for i, t in enumerate(tasks)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    res = fut.result()
+                except Exception as exc:  # a worker died (killed, out of memory)
+                    res = worker_failed(tasks[i], exc)
+                finish(i, res)
 
 
 def append_summary(out: Path, results: Iterable[SlideResult]) -> None:

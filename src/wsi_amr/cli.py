@@ -24,8 +24,10 @@ from .batch import (
     append_summary,
     check_output_folder,
     make_tasks,
+    parse_shard,
     resolve_inputs,
     run_batch,
+    shard_from_env,
 )
 from .jobs.quadtree import MASK_SUFFIXES
 from .progress import BatchProgress
@@ -52,11 +54,22 @@ Inputs = Annotated[
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder; each slide gets OUT/<slide-stem>/.")]
 Jobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Slides processed in parallel (extra workers "
                                    "speed up a single slide's tile reads).")]
+Shard = Annotated[Optional[str], typer.Option(
+    "--shard", metavar="I/N", help="Process only share I of N (counted from 0) of the sorted slide list, so that N "
+    "runs split a batch: e.g. --shard 0/4 on one machine, 1/4 on another. Default: the Slurm job-array task "
+    "(SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT) when set; --shard 0/1 processes every slide.",
+    show_default=False)]
+Scheduler = Annotated[Optional[str], typer.Option(
+    "--scheduler", metavar="ADDRESS", help="Send slides to a Dask cluster (pip install \"wsi-amr[dask]\"): "
+    "tcp://HOST:PORT of a running scheduler, its scheduler file, or local:N to start N worker processes here. "
+    "Example: --scheduler tcp://10.0.0.5:8786", show_default=False)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo slides whose outputs are already complete.")]
 JsonLines = Annotated[bool, typer.Option("--json", help="Write one JSON line per slide on stdout.")]
 SlideMpp = Annotated[Optional[float], typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose "
                                                    "scanner recorded none (overrides the file).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
+Device = Annotated[str, typer.Option("--device", help="Where the model runs: auto (a GPU when there is one), cpu, "
+                                   "cuda, cuda:N or mps. One process per GPU: --device cuda:K in each (see --shard).")]
 Mpp = Annotated[Optional[float], typer.Option("--mpp", help="Working resolution in µm/px [default: 0.5].")]
 Magnification = Annotated[Optional[float], typer.Option("--magnification", "--mag",
                                                         help="Working resolution as objective magnification (e.g. 20).")]
@@ -124,10 +137,23 @@ def run_slides(
     json_lines: bool,
     slide_mpp: float | None,
     debug: bool,
+    shard: str | None = None,
+    scheduler: str | None = None,
 ) -> None:
-    """Resolve inputs, run ``command`` on every slide, report, and exit with the batch status."""
+    """Resolve inputs, run ``command`` on every slide of this run's shard (locally, or on the Dask
+    cluster at ``scheduler``), report, and exit with the batch status."""
     if slide_mpp is not None and not slide_mpp > 0:
         _fail_usage(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
+    try:
+        share = parse_shard(shard) if shard is not None else shard_from_env()
+        if scheduler is not None:
+            if jobs > 1:
+                raise InputError("give --jobs (processes on this machine) or --scheduler (a Dask cluster), not both")
+            from .cluster import check_scheduler
+
+            check_scheduler(scheduler)
+    except InputError as exc:
+        _fail_usage(str(exc))
     slides, problems = resolve_inputs(inputs, exclude=out)
     for p in problems:
         typer.echo(f"error: {p}", err=True)
@@ -139,8 +165,12 @@ def run_slides(
     except InputError as exc:
         _fail_usage(str(exc))
     opts = BatchOptions(out=out, jobs=jobs, overwrite=overwrite, slide_mpp=slide_mpp, debug=debug,
-                        command_line=_command_line())
+                        command_line=_command_line(), shard=share, scheduler=scheduler)
     tasks, clashes = make_tasks(command, slides, params, opts)
+    label = command if share is None else f"{command} (shard {share[0]}/{share[1]} of {len(slides)} slides)"
+    if not tasks and not clashes:
+        typer.echo(f"wsi-amr {label}: no slides in this shard", err=True)
+        raise typer.Exit(1 if problems else 0)
 
     def report(res: SlideResult) -> None:
         if json_lines:
@@ -150,14 +180,16 @@ def run_slides(
     for res in clashes:
         report(res)
     try:
-        results = run_batch(tasks, jobs=jobs, on_result=report,
+        results = run_batch(tasks, jobs=jobs, scheduler=scheduler, on_result=report,
                             progress_factory=lambda n: BatchProgress(command, n))
     except KeyboardInterrupt:
         typer.echo("interrupted: finished slides are kept; run the same command again to continue", err=True)
         raise typer.Exit(130) from None
+    except InputError as exc:  # the scheduler could not be reached: nothing ran
+        _fail_usage(str(exc))
     results = clashes + results
     append_summary(out, results)
-    n_bad = _print_summary(command, results, problems, out)
+    n_bad = _print_summary(label, results, problems, out)
     raise typer.Exit(1 if n_bad or problems else 0)
 
 
@@ -242,6 +274,8 @@ def tissue(
     min_area: MinTissueArea = TissueParams.min_area_um2,
     min_hole: MinHoleArea = TissueParams.min_hole_um2,
     jobs: Jobs = 1,
+    shard: Shard = None,
+    scheduler: Scheduler = None,
     overwrite: Overwrite = False,
     json_lines: JsonLines = False,
     slide_mpp: SlideMpp = None,
@@ -253,7 +287,7 @@ def tissue(
     """
     params = _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict()
     run_slides("tissue", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug)
+               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
 
 
 @app.command()
@@ -276,6 +310,8 @@ def tile(
     min_area: MinTissueArea = TissueParams.min_area_um2,
     min_hole: MinHoleArea = TissueParams.min_hole_um2,
     jobs: Jobs = 1,
+    shard: Shard = None,
+    scheduler: Scheduler = None,
     overwrite: Overwrite = False,
     json_lines: JsonLines = False,
     slide_mpp: SlideMpp = None,
@@ -308,7 +344,7 @@ def tile(
         },
     }
     run_slides("tile", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug)
+               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
 
 
 def _working_resolution(mpp: float | None, magnification: float | None) -> tuple[float | None, float | None]:
@@ -348,6 +384,8 @@ def quadtree(
     min_area: MinTissueArea = TissueParams.min_area_um2,
     min_hole: MinHoleArea = TissueParams.min_hole_um2,
     jobs: Jobs = 1,
+    shard: Shard = None,
+    scheduler: Scheduler = None,
     overwrite: Overwrite = False,
     json_lines: JsonLines = False,
     slide_mpp: SlideMpp = None,
@@ -393,7 +431,7 @@ def quadtree(
         "mask": mask_p,
     }
     run_slides("quadtree", inputs, run_params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug)
+               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
 
 
 BUNDLED_MODELS = Path(__file__).parent / "models"
@@ -456,13 +494,14 @@ def segment(
     gzip: Annotated[bool, typer.Option("--gzip", help="Write <stem>.geojson.gz.")] = False,
     mask_tiff: Annotated[bool, typer.Option("--mask-tiff", help="Also write mask.tiff: the class of every "
                                             "pixel at the working mpp, a pyramidal label TIFF.")] = False,
-    device: Annotated[str, typer.Option("--device", help="Where the model runs: auto (a GPU when there is "
-                                        "one), cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Device = "auto",
     modality: Modality = "auto",
     tissue_threshold: TissueThreshold = None,
     min_area: MinTissueArea = TissueParams.min_area_um2,
     min_hole: MinHoleArea = TissueParams.min_hole_um2,
     jobs: Jobs = 1,
+    shard: Shard = None,
+    scheduler: Scheduler = None,
     overwrite: Overwrite = False,
     json_lines: JsonLines = False,
     slide_mpp: SlideMpp = None,
@@ -505,12 +544,7 @@ def segment(
         _fail_usage(f"--context must be 0 or a positive number of px, got {context}")
     if simplify < 0 or min_object < 0:
         _fail_usage("--simplify and --min-object must not be negative")
-    from .training import TrainingError, resolve_device
-
-    try:
-        resolve_device(device)
-    except TrainingError as exc:
-        _fail_usage(str(exc))
+    _check_device(device)
     params = {
         "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
         "segment": {"model": str(weights.resolve()), "model_sha256": doc.get("weights_sha256"), "patching": patching,
@@ -518,7 +552,17 @@ def segment(
                     "object_type": object_type, "gzip": gzip, "mask_tiff": mask_tiff, "device": device},
     }
     run_slides("segment", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug)
+               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
+
+
+def _check_device(device: str) -> None:
+    """A usage error unless ``device`` names a device this machine has."""
+    from .training import TrainingError, resolve_device
+
+    try:
+        resolve_device(device)
+    except TrainingError as exc:
+        _fail_usage(str(exc))
 
 
 def _check_classifier(model: Path, encoder: Path | None, features: Path | None,
@@ -588,12 +632,14 @@ def classify(
     top: Annotated[Optional[int], typer.Option(
         "--top", min=1, help="Write only the K patches with the most attention to attention.geojson "
         "\\[default: every patch].", show_default=False)] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Device = "auto",
     modality: Modality = "auto",
     tissue_threshold: TissueThreshold = None,
     min_area: MinTissueArea = TissueParams.min_area_um2,
     min_hole: MinHoleArea = TissueParams.min_hole_um2,
     jobs: Jobs = 1,
+    shard: Shard = None,
+    scheduler: Scheduler = None,
     overwrite: Overwrite = False,
     json_lines: JsonLines = False,
     slide_mpp: SlideMpp = None,
@@ -610,17 +656,13 @@ def classify(
     Example: wsi-amr classify -o out --model runs/ips-features/best.safetensors --features trident/features --top 500
     """
     from .checkpoint import file_sha256
-    from .training import TrainingError, resolve_device
 
     if model is None:
         _fail_usage("give the model to classify with: --model runs/NAME/best.safetensors (from `wsi-amr train classify`)")
     if patch_size is not None and not patch_size > 0:
         _fail_usage(f"--patch-size must be a positive number of level-0 px, got {patch_size}")
     weights, sha = _check_classifier(model, encoder, features, inputs or [])
-    try:
-        resolve_device(device)
-    except TrainingError as exc:
-        _fail_usage(str(exc))
+    _check_device(device)
     if not inputs:
         if features is None:
             _fail_usage("give slides to classify (or --features DIR to classify every feature file in it)")
@@ -634,7 +676,7 @@ def classify(
                      "memory": memory, "chunk": chunk, "top": top, "device": device},
     }
     run_slides("classify", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug)
+               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
 
 
 app.command()(evaluate)

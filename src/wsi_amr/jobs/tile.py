@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..batch import EmptySlide, JobContext
+from ..batch import EmptySlide, JobContext, spawning_without_main
 from ..outputs import TMP_PREFIX, write_png_atomic
 from ..slide import Resolution, Slide, open_slide
 from ..tiling import TileGrid, read_order, tile_grid, write_tiles_h5
@@ -114,8 +114,9 @@ def start_tile_pool(workers: int, slide: Path, slide_mpp: float | None) -> Itera
     their start-up (interpreter, imports, opening the slide) overlaps that work."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        for _ in range(workers):
-            pool.submit(_worker_slide, str(slide), slide_mpp).add_done_callback(lambda f: None)
+        with spawning_without_main():
+            for _ in range(workers):
+                pool.submit(_worker_slide, str(slide), slide_mpp).add_done_callback(lambda f: None)
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
