@@ -6,6 +6,7 @@ A thin layer: options are parsed and checked here, everything else is
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -175,8 +176,17 @@ VAL_LABELS = {"val_foreground_dice": "val Dice", "val_auc": "val AUC", "val_bala
 def _run_training(train: Callable[[Callable[[int, int, dict[str, Any]], None]], dict[str, Any]], out: Path,
                   describe: Callable[[dict[str, Any]], str], debug: bool) -> None:
     """Run ``train(progress)`` with a progress bar; report its result, or turn what stopped it into
-    one line and an exit status (2 bad options, 1 bad data or a bug, 130 Ctrl-C)."""
+    one line and an exit status (2 bad options, 1 bad data or a bug, 130 Ctrl-C). Under torchrun
+    only rank 0 reports (every process meets the same bad options and data); the others say only
+    what is theirs alone, an unexpected error, prefixed by their rank."""
     from .training import TrainingError, TrainingInterrupted
+
+    rank = os.environ.get("RANK", "0")
+    main = rank in ("", "0")
+
+    def say(line: str) -> None:
+        if main:
+            typer.echo(line, err=True)
 
     bar: _TrainProgress | None = None
 
@@ -189,28 +199,29 @@ def _run_training(train: Callable[[Callable[[int, int, dict[str, Any]], None]], 
     try:
         result = train(progress)
     except TrainingInterrupted as exc:
-        typer.echo(f"interrupted at step {exc.step}: saved {exc.out / 'last.safetensors'}; continue with the "
-                   "same command plus --resume", err=True)
+        say(f"interrupted at step {exc.step}: saved {exc.out / 'last.safetensors'}; continue with the "
+            "same command plus --resume")
         raise typer.Exit(130) from None
     except TrainingError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        say(f"error: {exc}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         saved = (out / "last-state.json").exists()
-        typer.echo("interrupted" + (f"; {out / 'last.safetensors'} holds the last saved step: continue with the "
-                                    "same command plus --resume" if saved else " before any step was saved"), err=True)
+        say("interrupted" + (f"; {out / 'last.safetensors'} holds the last saved step: continue with the "
+                             "same command plus --resume" if saved else " before any step was saved"))
         raise typer.Exit(130) from None
     except Exception as exc:
         if debug:
             raise
-        typer.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        where = "" if main else f" (rank {rank})"
+        typer.echo(f"error{where}: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
         raise typer.Exit(1) from None
     finally:
         if bar is not None:
             bar.close()
     for warning in result.get("warnings", []):
-        typer.echo(f"warning: {warning}", err=True)
-    typer.echo(describe(result), err=True)
+        say(f"warning: {warning}")
+    say(describe(result))
 
 
 @train_app.command("segment")

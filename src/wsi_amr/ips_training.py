@@ -37,6 +37,7 @@ from .checkpoint import file_sha256
 from .classification import (Bag, ClassifierCard, EncoderError, TorchScriptEncoder, is_feature_file, is_image_file,
                              open_feature_bag, open_image_bag, opened_slide_bag, predict_bag, read_rgb,
                              slide_patch_grid)
+from .ddp import Group
 from .evaluation import classification_scores
 from .ips import IPSConfig, IPSModel, iter_chunks, save_ips, select_then_forward
 from .ips_data import BagError, LabelledBag, covering_grid, read_labels_csv
@@ -318,7 +319,7 @@ def train_classifier(cfg: ClassifyTrainConfig, progress: ProgressFn | None = Non
     :class:`~wsi_amr.training.TrainingInterrupted` after saving ``OUT/last`` on Ctrl-C.
     """
     cfg.validate()
-    with run_folder(cfg) as device:
+    with run_folder(cfg) as (device, group):
         try:
             encoder = TorchScriptEncoder(cfg.encoder, device) if cfg.encoder is not None else None
             data = load_classify_data(cfg)
@@ -326,7 +327,7 @@ def train_classifier(cfg: ClassifyTrainConfig, progress: ProgressFn | None = Non
         except EncoderError as exc:
             raise TrainingInputError(str(exc)) from None
         try:
-            return _train(cfg, data, model_cfg, encoder, device, progress)
+            return _train(cfg, data, model_cfg, encoder, device, group, progress)
         except (BagError, SlideError, EncoderError) as exc:
             raise TrainingDataError(str(exc)) from None
 
@@ -346,10 +347,11 @@ def _card(cfg: ClassifyTrainConfig, data: ClassifyData, encoder: TorchScriptEnco
 
 
 def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, encoder: TorchScriptEncoder | None,
-           device: torch.device, progress: ProgressFn | None) -> dict[str, Any]:
+           device: torch.device, group: Group, progress: ProgressFn | None) -> dict[str, Any]:
     out = cfg.out
     seed_everything(cfg.seed)
     model = IPSModel(model_cfg).to(device)
+    group.broadcast_parameters(model)
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
     identity = {"architecture": model_cfg.as_dict(), "classes": list(data.classes), "input": data.input,
@@ -364,9 +366,10 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
         best = float(doc["best"]) if doc.get("best") is not None else -math.inf
         metric_name = doc.get("metric", metric_name)
         seconds_before = float(doc.get("seconds", 0.0))
-        trim_metrics(metrics, step)
         if step >= cfg.steps:
             raise TrainingInputError(f"--resume: {out} has already done {step} steps; give a larger --steps to go on")
+        if group.is_main:
+            trim_metrics(metrics, step)
     has_val = bool(data.val)
     last_val: dict[str, Any] = {}
     t_start = time.perf_counter()
@@ -387,7 +390,7 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
 
     def save_last() -> None:
         nonlocal saved_step
-        if saved_step == step:
+        if saved_step == step or not group.is_main:
             return
         saved_step = step
         save_ips(out / "last", model, extra=card().as_extra())
@@ -397,27 +400,37 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
 
     window = {"loss": 0.0, "n": 0, "t0": time.perf_counter()}
     model.train()
-    with open(metrics, "a", encoding="utf-8") as log, graceful_interrupt() as interrupt:
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(metrics, "a", encoding="utf-8")) if group.is_main else None
+        interrupt = stack.enter_context(graceful_interrupt())
+
         def write_metric(row: dict[str, Any]) -> None:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
 
         try:
             while step < cfg.steps:
-                if interrupt["stop"]:
+                if group.any(interrupt["stop"]):
                     raise KeyboardInterrupt
                 lr = learning_rate(step, cfg)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 loss_value = 0.0
-                for i in rng.integers(len(data.train), size=cfg.batch_size).tolist():
-                    bag = data.train[i]
+                # The step's bags and one generator per bag, drawn alike in every process; each
+                # process takes its share of the bags.
+                picks = rng.integers(len(data.train), size=cfg.batch_size)
+                seeds = rng.integers(2**62, size=cfg.batch_size)
+                for j in group.share(cfg.batch_size):
+                    bag = data.train[int(picks[j])]
                     with open_bag(bag, cfg, model_cfg.embed_dim) as rows:
-                        logits = bag_logits(model, rows, encoder, rng, cfg.augment)
+                        logits = bag_logits(model, rows, encoder, np.random.default_rng(int(seeds[j])), cfg.augment)
                     loss = F.cross_entropy(logits, torch.tensor([bag.label], device=device)) / cfg.batch_size
                     loss.backward()
                     loss_value += loss.item()
+                group.sum_gradients(model.parameters())
+                loss_value = group.sum_values(loss_value)[0]
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 step += 1
@@ -429,7 +442,7 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
                                   "bags_per_s": window["n"] * cfg.batch_size / max(elapsed, 1e-9),
                                   "seconds": seconds()})
                     window.update(loss=0.0, n=0, t0=time.perf_counter())
-                if has_val and (step % cfg.val_every == 0 or step == cfg.steps):
+                if has_val and group.is_main and (step % cfg.val_every == 0 or step == cfg.steps):
                     last_val = validate_bags(model, data.val, cfg, encoder, data.classes)
                     model.train()
                     metric_name, value = selection_value(last_val, len(data.classes))
@@ -441,7 +454,7 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
                                   "seconds": seconds()})
                     save_last()
                     window["t0"] = time.perf_counter()  # validation is not training time
-                if progress is not None:
+                if progress is not None and group.is_main:
                     progress(step, cfg.steps, {"loss": loss_value, "lr": lr, "val": last_val.get(metric_name),
                                                "val_name": metric_name})
         except KeyboardInterrupt:
@@ -450,7 +463,9 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
         save_last()
         if not has_val:
             best_step = step
-            save_ips(out / "best", model, extra=card().as_extra())
+            if group.is_main:
+                save_ips(out / "best", model, extra=card().as_extra())
+        group.barrier()  # every process returns once rank 0 has written the run
     warnings = [] if has_val else ["no validation bags (--val-fraction 0, or too few bags per class): "
                                    "best.* is the last model"]
     return {

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import __version__
 from .checkpoint import file_sha256, save_checkpoint
+from .ddp import Group
 from .outputs import atomic_path, write_json_atomic, write_text_atomic
 from .quadtree import Leaves, QuadtreeError, QuadtreeParams, build_quadtree, is_power_of_two, params_edge_map, uniform_leaves
 from .segmentation import ModelCard, Normalisation, SegmenterConfig, TokenSegmenter
@@ -763,17 +764,18 @@ def composite(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, c
 
 
 def make_batch(sources: Sequence[Any], weights: np.ndarray, cfg: TrainConfig,
-               rng: np.random.Generator) -> Batch:
-    """``cfg.batch_size`` augmented crops, tokenised and padded to one length."""
+               rngs: Sequence[np.random.Generator]) -> Batch:
+    """One augmented crop per generator in ``rngs`` (all its randomness drawn from it), tokenised
+    and padded to one length."""
     toks, geoms, targets = [], [], []
     p, k = cfg.token_size, cfg.num_classes
 
-    def crop() -> tuple[np.ndarray, np.ndarray]:
-        src = sources[int(rng.choice(len(sources), p=weights))]
-        image, labels = src.sample(rng, cfg.crop)
-        return augment(image, labels, rng, cfg.jitter)
+    for rng in rngs:
+        def crop(rng: np.random.Generator = rng) -> tuple[np.ndarray, np.ndarray]:
+            src = sources[int(rng.choice(len(sources), p=weights))]
+            image, labels = src.sample(rng, cfg.crop)
+            return augment(image, labels, rng, cfg.jitter)
 
-    for _ in range(cfg.batch_size):
         image, labels = composite(*crop(), rng, cfg, crop)
         labelled = labels != IGNORE
         tissue = None if labelled.all() else labelled
@@ -791,22 +793,24 @@ def make_batch(sources: Sequence[Any], weights: np.ndarray, cfg: TrainConfig,
                  float(np.mean([len(x) for x in toks])))
 
 
-def segmentation_loss(logits: Tensor, targets: Tensor, dice_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+def segmentation_loss(logits: Tensor, targets: Tensor, dice_weight: float,
+                      total: Callable[[Tensor], Tensor] = lambda t: t) -> tuple[Tensor, Tensor, Tensor]:
     """Soft cross-entropy per token cell plus ``dice_weight`` x soft Dice loss of the foreground
     classes, pooled over the batch. ``logits`` (B, L, K, p, p), ``targets`` (B, L, p, p, K) class
     fractions; cells weigh by how much of them is labelled, so padding and IGNORE count for
-    nothing. Returns (total, cross-entropy, Dice loss)."""
+    nothing. ``total`` sums each pooled quantity over the whole batch when it is split over
+    processes (:meth:`wsi_amr.ddp.Group.global_sum`). Returns (total, cross-entropy, Dice loss)."""
     t = targets.permute(0, 1, 4, 2, 3)  # (B, L, K, p, p)
     weight = t.sum(dim=2)
     logp = F.log_softmax(logits.float(), dim=2)
-    ce = -(t * logp).sum(dim=2).sum() / weight.sum().clamp(min=1e-6)
+    ce = -total((t * logp).sum()) / total(weight.sum()).clamp(min=1e-6)
     if dice_weight <= 0:
         return ce, ce, torch.zeros((), device=ce.device)
     prob = logp.exp()[:, :, 1:] * weight[:, :, None]
     tf = t[:, :, 1:]
     dims = (0, 1, 3, 4)
-    inter = (prob * tf).sum(dims)
-    denom = prob.sum(dims) + tf.sum(dims)
+    inter = total((prob * tf).sum(dims))
+    denom = total(prob.sum(dims) + tf.sum(dims))
     dice_loss = 1 - ((2 * inter + 1.0) / (denom + 1.0)).mean()
     return ce + dice_weight * dice_loss, ce, dice_loss
 
@@ -1268,45 +1272,65 @@ def train_segmenter(cfg: TrainConfig, progress: ProgressFn | None = None) -> dic
         notes.append(f"--max-size {cfg.quadtree.max_size} is larger than --crop {cfg.crop}: leaves are at most "
                      f"{cfg.crop_quadtree().max_size} px (recorded in the model card)")
         cfg = replace(cfg, quadtree=cfg.crop_quadtree())
-    with run_folder(cfg) as device:
+    with run_folder(cfg) as (device, group):
         data = load_training_data(cfg)
         data.description["warnings"] = notes + data.description["warnings"]
         try:
-            return _train(cfg, data, device, progress)
+            return _train(cfg, data, device, group, progress)
         finally:
             data.close()
 
 
 @contextlib.contextmanager
-def run_folder(cfg: Any) -> Iterator[torch.device]:
-    """Hold a training run's output folder for the block and yield its device.
+def run_folder(cfg: Any) -> Iterator[tuple[torch.device, Group]]:
+    """Hold a training run's output folder for the block; yield this process's device and its
+    place among the training processes (:mod:`wsi_amr.ddp`; alone unless started by torchrun).
 
-    ``cfg`` (any run config with ``out``, ``device``, ``threads``, ``resume``, ``overwrite``): the
-    device must exist, OUT must be writable and not locked by another run, and hold no other run
-    unless resuming (``overwrite`` clears it); torch uses ``threads`` inside the block.
+    ``cfg`` (any run config with ``out``, ``device``, ``threads``, ``resume``, ``overwrite``,
+    ``batch_size``): the device must exist, OUT must be writable and not locked by another run,
+    and hold no other run unless resuming (``overwrite`` clears it); torch uses ``threads`` inside
+    the block. Under torchrun, rank 0 checks and holds OUT and every process stops on its error.
     """
-    device = resolve_device(cfg.device)
-    check_output(cfg.out)
     from .batch import slide_lock
+    from .ddp import GroupError, group_from_env, process_device, process_group
 
-    with slide_lock(cfg.out) as locked:
-        if not locked:
-            raise TrainingInputError(f"{cfg.out}: another training run is writing to this folder")
-        check_previous_run(cfg)
+    try:
+        group = group_from_env()
+        device = process_device(resolve_device(cfg.device), cfg.device, group)
+    except GroupError as exc:
+        raise TrainingInputError(str(exc)) from None
+    if cfg.batch_size < group.world:
+        raise TrainingInputError(f"--batch-size {cfg.batch_size} is the batch of the whole step, shared by "
+                                 f"{group.world} processes: give at least {group.world}")
+    with process_group(group, device), contextlib.ExitStack() as stack:
+        error: TrainingError | None = None
+        if group.is_main:
+            try:
+                check_output(cfg.out)
+                if not stack.enter_context(slide_lock(cfg.out)):
+                    raise TrainingInputError(f"{cfg.out}: another training run is writing to this folder")
+                check_previous_run(cfg)
+            except TrainingError as exc:
+                error = exc
+        message = group.broadcast_error(None if error is None else str(error))
+        if message is not None:
+            raise error if error is not None else TrainingInputError(message)
         threads_before = torch.get_num_threads()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
-            yield device
+            yield device, group
         finally:
             torch.set_num_threads(threads_before)
 
 
-def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress: ProgressFn | None) -> dict[str, Any]:
+def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, group: Group,
+           progress: ProgressFn | None) -> dict[str, Any]:
     out = cfg.out
     seed_everything(cfg.seed)
     model_cfg = cfg.model_config()
     model = TokenSegmenter(model_cfg).to(device)
+    group.broadcast_parameters(model)
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
     norm = Normalisation()
@@ -1318,9 +1342,10 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
         doc = load_training_state(out, model, optimizer, rng, identity)
         step, best_dice, best_step = int(doc["step"]), float(doc["best_dice"]), int(doc["best_step"])
         seconds_before = float(doc.get("seconds", 0.0))
-        trim_metrics(metrics, step)
         if step >= cfg.steps:
             raise TrainingInputError(f"--resume: {out} has already done {step} steps; give a larger --steps to go on")
+        if group.is_main:
+            trim_metrics(metrics, step)
     weights = np.array([s.area for s in data.train], np.float64)
     weights /= weights.sum()
     has_val = bool(data.val)
@@ -1339,7 +1364,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
 
     def save_last() -> None:
         nonlocal saved_step
-        if saved_step == step:
+        if saved_step == step or not group.is_main:
             return
         saved_step = step
         card = make_card(cfg, data, training_info())
@@ -1348,11 +1373,12 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
             "step": step, "best_dice": best_dice, "best_step": best_step,
             "seconds": seconds_before + (time.perf_counter() - t_start), **identity, "config": cfg.to_json()})
 
-    log = open(metrics, "a", encoding="utf-8")
+    log = open(metrics, "a", encoding="utf-8") if group.is_main else None
 
     def write_metric(row: dict[str, Any]) -> None:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
 
     t_start = time.perf_counter()
     window: dict[str, float] = {"loss": 0.0, "ce": 0.0, "dice": 0.0, "tokens": 0.0, "n": 0, "data": 0.0,
@@ -1362,19 +1388,24 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
         with graceful_interrupt() as interrupt:
             try:
                 while step < cfg.steps:
-                    if interrupt["stop"]:
+                    if group.any(interrupt["stop"]):
                         raise KeyboardInterrupt
                     lr = learning_rate(step, cfg)
                     for g in optimizer.param_groups:
                         g["lr"] = lr
                     t_data = time.perf_counter()
-                    batch = make_batch(data.train, weights, cfg, rng)
+                    # One generator per crop of the global batch, so any process makes any crop.
+                    seeds = rng.integers(2**62, size=cfg.batch_size)
+                    mine = group.share(cfg.batch_size)
+                    batch = make_batch(data.train, weights, cfg, [np.random.default_rng(int(seeds[i])) for i in mine])
                     window["data"] += time.perf_counter() - t_data
                     tokens = norm.apply(batch.tokens.to(device))
                     logits = model(tokens, batch.geometry.to(device), batch.mask.to(device))
-                    loss, ce, dl = segmentation_loss(logits, batch.targets.to(device), cfg.dice_weight)
+                    loss, ce, dl = segmentation_loss(logits, batch.targets.to(device), cfg.dice_weight,
+                                                     total=group.global_sum)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    group.sum_gradients(model.parameters())
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()
                     step += 1
@@ -1382,7 +1413,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
                     window["loss"] += loss_value
                     window["ce"] += ce.item()
                     window["dice"] += dl.item()
-                    window["tokens"] += batch.tokens_per_crop
+                    window["tokens"] += group.sum_values(batch.tokens_per_crop * len(mine))[0] / cfg.batch_size
                     window["n"] += 1
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         n = window["n"]
@@ -1394,7 +1425,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
                                       "data_fraction": window["data"] / max(elapsed, 1e-9),
                                       "seconds": round(seconds_before + time.perf_counter() - t_start, 3)})
                         window.update(loss=0.0, ce=0.0, dice=0.0, tokens=0.0, n=0, data=0.0, t0=time.perf_counter())
-                    if has_val and (step % cfg.val_every == 0 or step == cfg.steps):
+                    if has_val and group.is_main and (step % cfg.val_every == 0 or step == cfg.steps):
                         card = make_card(cfg, data, training_info())
                         last_val = validate(model, card, data.val, cfg.quadtree, cfg.patching, cfg.crop)
                         improved = last_val["val_foreground_dice"] > best_dice
@@ -1405,7 +1436,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
                                       "seconds": round(seconds_before + time.perf_counter() - t_start, 3)})
                         save_last()
                         window["t0"] = time.perf_counter()  # validation is not training time
-                    if progress is not None:
+                    if progress is not None and group.is_main:
                         progress(step, cfg.steps, {"loss": loss_value, "lr": lr,
                                                    "val": last_val.get("val_foreground_dice"),
                                                    "val_name": "val_foreground_dice"})
@@ -1414,10 +1445,13 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, progress:
                 raise TrainingInterrupted(step, out) from None
         save_last()
         if not has_val:
-            save_checkpoint(out / "best", model, make_card(cfg, data, training_info()))
+            if group.is_main:
+                save_checkpoint(out / "best", model, make_card(cfg, data, training_info()))
             best_step = step
+        group.barrier()  # every process returns once rank 0 has written the run
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     return {
         "best_dice": best_dice if best_dice >= 0 else None,
         "best_step": best_step,
