@@ -11,38 +11,13 @@ at the minimum size): that is the baseline, same weights class, same code path.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class SegmenterConfig:
-    """Architecture of :class:`TokenSegmenter`; saved beside the weights, enough to rebuild it."""
-
-    token_size: int = 8
-    channels: int = 3
-    num_classes: int = 2
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    position_frequencies: int = 12  # wavelengths 4 px .. 4 * 2**11 px
-    size_frequencies: int = 4
-
-    def validate(self) -> None:
-        if self.token_size < 1 or self.token_size & (self.token_size - 1):
-            raise ValueError(f"token_size must be a power of two, got {self.token_size}")
-        if self.width % self.heads:
-            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
-        if self.num_classes < 2:
-            raise ValueError("num_classes must be at least 2 (background and one class)")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from .configs import SegmenterConfig
 
 
 def fourier_features(values: Tensor, n: int, shortest: float) -> Tensor:
