@@ -105,6 +105,24 @@ def test_scheduler_local_n_starts_its_own_cluster(runner, tmp_path):
     assert [(r["stem"], r["status"]) for r in json_lines(res.stdout)] == [("s0", "done")]
 
 
+def _worker_settings() -> tuple:
+    import dask
+
+    return (os.environ.get("MALLOC_TRIM_THRESHOLD_"), dask.config.get("distributed.worker.profile.enabled"),
+            os.environ.get("OMP_NUM_THREADS"))
+
+
+def test_local_clusters_run_workers_without_the_profiler_or_malloc_trimming(monkeypatch):
+    pytest.importorskip("distributed")
+    from wsi_amr.cluster import connect
+
+    # A nanny sets its variables in its own process too: an earlier test's cluster leaves it here.
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+
+    with connect("local:1") as client:
+        assert list(client.run(_worker_settings).values()) == [(None, False, "1")]
+
+
 def test_unreachable_scheduler_and_missing_dask_are_one_line(runner, tmp_path, monkeypatch):
     pytest.importorskip("distributed")
     import wsi_amr.cluster

@@ -495,7 +495,15 @@ def _locked(result: SlideResult, out_dir: Path) -> SlideResult:
 
 
 def run_task_in_worker(task: SlideTask) -> SlideResult:
-    """:func:`run_task` without a progress hook: what a pool or cluster worker runs."""
+    """:func:`run_task` without a progress hook: what a pool or cluster worker runs.
+
+    Such a worker shares its machine with others, one slide each: OpenCV gets the threads the
+    task was given (one, unless --jobs exceeds the slides) rather than a pool per core in every
+    worker, as Dask already does for OpenMP and BLAS.
+    """
+    import cv2
+
+    cv2.setNumThreads(max(1, task.threads))
     return run_task(task)
 
 

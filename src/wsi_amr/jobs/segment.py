@@ -30,6 +30,7 @@ from ..outputs import write_png_atomic
 from ..quadtree import uniform_token_count
 from ..slide import Resolution, open_slide
 from ..training import make_leaves, patching_from_card, predict_leaves
+from . import opencv_threads
 from .quadtree import sample_mask
 from .tissue import ASSUMED_MPP, load_or_detect, tissue_params
 
@@ -102,12 +103,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     torch.set_num_threads(max(1, ctx.threads))
     # OpenCV's own worker threads would compete with the model's: its work (quadtree edges,
     # outlines) already runs on threads of ours beside the model.
-    cv_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
+    with opencv_threads(1):
         return _run(ctx, model, card, t_start)
-    finally:
-        cv2.setNumThreads(cv_threads)
 
 
 def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from ..batch import EmptySlide, JobContext, spawning_without_main
 from ..outputs import TMP_PREFIX, write_png_atomic
 from ..slide import Resolution, Slide, open_slide
 from ..tiling import TileGrid, read_order, tile_grid, write_tiles_h5
+from . import opencv_threads
 from .tissue import load_or_detect, overlay_image, tissue_params
 
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}
@@ -189,6 +190,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     use_pool = bool(tp.get("save_images")) and ctx.threads > 1 and multiprocessing.parent_process() is None
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(start_tile_pool(ctx.threads, ctx.slide_path, ctx.slide_mpp)) if use_pool else None
+        stack.enter_context(opencv_threads(1))  # small images: parallelism comes from our threads
         return _run(ctx, tp, tissue, res, pool)
 
 
