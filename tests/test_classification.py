@@ -20,7 +20,7 @@ from wsi_amr.evaluation import classification_scores, roc_auc
 from wsi_amr.geojson import validate_feature
 from wsi_amr.ips import IPSConfig, IPSModel, iter_chunks, score_all, select_top_m
 from wsi_amr.ips_data import FeatureBag, LabelledBag, write_feature_file
-from wsi_amr.ips_training import stratified_split
+from wsi_amr.ips_training import is_better, stratified_split
 from wsi_amr.jobs.classify import attention_features, draw_attention
 
 
@@ -224,6 +224,15 @@ def test_validation_split_is_stratified_and_seeded():
 
 
 # -- drawing ---------------------------------------------------------------------------------
+
+
+def test_best_checkpoint_ties_go_to_the_lower_validation_loss():
+    assert is_better(0.9, 0.5, -float("inf"), float("inf"))  # the first validation
+    assert is_better(0.95, 0.9, 0.9, 0.1)  # a higher metric wins whatever its loss
+    assert not is_better(0.85, 0.01, 0.9, 0.5)
+    assert is_better(1.0, 0.2, 1.0, 0.3)  # a saturated AUC: the surer model wins
+    assert not is_better(1.0, 0.3, 1.0, 0.3)
+    assert not is_better(1.0, None, 1.0, 0.3)
 
 
 def test_heatmap_colours_each_patch_by_its_attention_without_blur():

@@ -329,3 +329,13 @@ def test_folder_search_skips_the_output_folder(tmp_path):
     assert found == [tmp_path / "a.svs"] and problems == []
     found, _ = resolve_inputs([str(tmp_path)])
     assert len(found) == 2
+
+
+def test_the_command_line_and_the_slide_jobs_start_without_torch():
+    # PyTorch takes seconds to import: only the commands that run a model may pay for it, not
+    # `wsi-amr tile --help` nor every pool or cluster worker that tiles.
+    code = ("import sys, wsi_amr.cli, wsi_amr.batch, wsi_amr.jobs.tile, wsi_amr.jobs.quadtree, wsi_amr.jobs.tissue; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.stdout.strip() == "False"

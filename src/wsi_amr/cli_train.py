@@ -16,9 +16,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .ips import IPSConfig
+from .configs import IPSConfig, SegmenterConfig
 from .quadtree import QuadtreeParams
-from .segmentation import SegmenterConfig
 
 train_app = typer.Typer(
     name="train",
@@ -337,6 +336,9 @@ AttnWidth = Annotated[Optional[int], typer.Option("--width", help=f"Attention wi
                                                   show_default=False)]
 AttnHeads = Annotated[Optional[int], typer.Option("--heads", help=f"Attention heads, dividing --width "
                                                   f"\\[default: {_IPS.heads}].", show_default=False)]
+AttnDropout = Annotated[Optional[float], typer.Option("--dropout", help=f"Dropout on the attention weights and "
+                                                     f"in the head while training \\[default: {_IPS.dropout}].",
+                                                     show_default=False)]
 BagBatch = Annotated[int, typer.Option("--batch-size", "-b", help="Slides per optimisation step (gradients "
                                        "accumulated).")]
 Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Rotate (90-degree steps) and flip each "
@@ -362,6 +364,7 @@ def classify(
     embed_dim: EmbedDim = None,
     width: AttnWidth = None,
     heads: AttnHeads = None,
+    dropout: AttnDropout = None,
     steps: Steps = 500,
     batch_size: BagBatch = 8,
     lr: Lr = 1e-3,
@@ -383,7 +386,7 @@ def classify(
     Each step streams a slide's patches without gradients keeping the M it attends to most, then
     trains on those M only: memory stays at M + I patches however large the slide. Writes
     OUT/best.safetensors + best.json (best validation AUC, or balanced accuracy with more than two
-    classes), OUT/last.*, last-state.* (for --resume) and OUT/metrics.jsonl.
+    classes; ties go to the lower validation loss), OUT/last.*, last-state.* (for --resume) and OUT/metrics.jsonl.
 
     Example: wsi-amr train classify labels.csv -o runs/ips --patch-size 256 --mpp 0.5 -M 64 -I 256
 
@@ -395,7 +398,7 @@ def classify(
     cfg = ClassifyTrainConfig(
         out=out, labels=labels, features=features, encoder=encoder, classes=names, patch_size=patch_size, mpp=mpp,
         min_tissue=min_tissue, slide_mpp=slide_mpp, memory=memory, chunk=chunk, embed_dim=embed_dim, width=width,
-        heads=heads, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+        heads=heads, dropout=dropout, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
         augment=augment, val_fraction=val_fraction, val_every=val_every, log_every=log_every, seed=seed,
         device=device, threads=threads, resume=resume, overwrite=overwrite, command_line=_command_line(),
     )

@@ -11,7 +11,8 @@ Gradients are accumulated over the bags of a step.
 
 A seeded, stratified validation split (``val_fraction`` of each class) is scored every
 ``val_every`` steps as ``wsi-amr classify`` predicts (:func:`~wsi_amr.classification.predict_bag`);
-the best by AUC (two classes) or balanced accuracy (more) is kept as ``OUT/best.*``. As for
+the best by AUC (two classes) or balanced accuracy (more), ties going to the lower validation
+loss, is kept as ``OUT/best.*``. As for
 ``train segment``: ``OUT/last.*`` and ``OUT/last-state.*`` (resume; Ctrl-C saves them),
 ``OUT/metrics.jsonl``, safetensors + JSON only.
 """
@@ -66,6 +67,7 @@ class ClassifyTrainConfig:
     embed_dim: int | None = None  # built-in CNN only
     width: int | None = None
     heads: int | None = None
+    dropout: float | None = None  # on attention weights and in the head; default IPSConfig's
     steps: int = 500
     batch_size: int = 8
     lr: float = 1e-3
@@ -115,6 +117,8 @@ class ClassifyTrainConfig:
             raise TrainingInputError(f"--weight-decay must not be negative, got {self.weight_decay}")
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
             raise TrainingInputError(f"--warmup must be between 0 and --steps - 1, got {self.warmup}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise TrainingInputError(f"--dropout must be at least 0 and below 1, got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise TrainingInputError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
         if self.resume and self.overwrite:
@@ -287,13 +291,23 @@ def selection_value(val: dict[str, Any], num_classes: int) -> tuple[str, float]:
     return "val_balanced_accuracy", float(val["val_balanced_accuracy"])
 
 
+def is_better(value: float, loss: float | None, best: float, best_loss: float) -> bool:
+    """Whether a validation result beats the best so far: a higher metric, or the same metric at
+    a lower validation loss. A few dozen validation slides soon put AUC at 1.0 and keep it there;
+    without the tie-break the first checkpoint to get there would stay the best, however much
+    later ones separate the classes more surely."""
+    if value != best:
+        return value > best
+    return loss is not None and loss < best_loss
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 def model_config(cfg: ClassifyTrainConfig, data: ClassifyData, encoder: TorchScriptEncoder | None) -> IPSConfig:
     """The architecture: embed_dim from the feature files or the encoder's output, else the CNN's."""
     arch: dict[str, Any] = {"num_classes": len(data.classes), "memory": cfg.memory, "chunk": cfg.chunk,
-                            "width": cfg.width, "heads": cfg.heads}
+                            "width": cfg.width, "heads": cfg.heads, "dropout": cfg.dropout}
     if data.input == "features":
         arch.update(embed_dim=data.feature_dim, encoder="none")
     elif encoder is not None:
@@ -358,12 +372,14 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
                 "patch_size": cfg.patch_size, "mpp": cfg.mpp,
                 "encoder_sha256": encoder.sha256 if encoder is not None else None}
     step, best, best_step, seconds_before = 0, -math.inf, 0, 0.0
+    best_loss = math.inf  # validation loss at the best step: breaks ties of a saturated metric
     metric_name = "val_auc" if len(data.classes) == 2 else "val_balanced_accuracy"
     metrics = out / "metrics.jsonl"
     if cfg.resume:
         doc = load_training_state(out, model, optimizer, rng, identity)
         step, best_step = int(doc["step"]), int(doc["best_step"])
         best = float(doc["best"]) if doc.get("best") is not None else -math.inf
+        best_loss = float(doc["best_loss"]) if doc.get("best_loss") is not None else math.inf
         metric_name = doc.get("metric", metric_name)
         seconds_before = float(doc.get("seconds", 0.0))
         if step >= cfg.steps:
@@ -396,7 +412,7 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
         save_ips(out / "last", model, extra=card().as_extra())
         save_training_state(out, model, optimizer, rng, {
             "step": step, "best": best if best > -math.inf else None, "best_step": best_step, "metric": metric_name,
-            "seconds": seconds(), **identity, "config": cfg.to_json()})
+            "best_loss": best_loss if best_loss < math.inf else None, "seconds": seconds(), **identity, "config": cfg.to_json()})
 
     window = {"loss": 0.0, "n": 0, "t0": time.perf_counter()}
     model.train()
@@ -446,9 +462,10 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
                     last_val = validate_bags(model, data.val, cfg, encoder, data.classes)
                     model.train()
                     metric_name, value = selection_value(last_val, len(data.classes))
-                    improved = value > best
+                    improved = is_better(value, last_val.get("val_loss"), best, best_loss)
                     if improved:
                         best, best_step = value, step
+                        best_loss = last_val["val_loss"] if last_val.get("val_loss") is not None else math.inf
                         save_ips(out / "best", model, extra=card().as_extra())
                     write_metric({"event": "val", "step": step, **last_val, "metric": metric_name, "best": improved,
                                   "seconds": seconds()})
