@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -95,3 +99,28 @@ def test_read_order_is_a_blocked_permutation():
     first_block = coords[order[:4]]
     assert first_block.tolist() == [[0, 0], [256, 0], [0, 256], [256, 256]]
     assert len(read_order(coords[:0], 512)) == 0
+
+
+def _blur_with_one_opencv_thread(img) -> None:
+    from wsi_amr.jobs import opencv_threads
+
+    with opencv_threads(1):
+        cv2.GaussianBlur(img, (15, 15), 3)
+    os._exit(0)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX")
+def test_opencv_thread_setting_is_safe_in_a_forked_child():
+    # cv2.setNumThreads in a child forked after OpenCV started its pool never returns; the jobs'
+    # setting must leave such a child alone (the concurrency tests fork a CLI run, for example).
+    import multiprocessing
+
+    img = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)
+    cv2.GaussianBlur(img, (15, 15), 3)  # the pool exists now
+    child = multiprocessing.get_context("fork").Process(target=_blur_with_one_opencv_thread, args=(img,))
+    child.start()
+    child.join(30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0

@@ -501,10 +501,10 @@ def run_task_in_worker(task: SlideTask) -> SlideResult:
     task was given (one, unless --jobs exceeds the slides) rather than a pool per core in every
     worker, as Dask already does for OpenMP and BLAS.
     """
-    import cv2
+    from .jobs import opencv_threads
 
-    cv2.setNumThreads(max(1, task.threads))
-    return run_task(task)
+    with opencv_threads(max(1, task.threads)):
+        return run_task(task)
 
 
 def worker_failed(task: SlideTask, exc: BaseException) -> SlideResult:
