@@ -5,8 +5,9 @@ two-worker Dask LocalCluster, on the same slide set in one run.
 Two workloads, each run four ways:
 
 - ``coords``: ``wsi-amr tile SLIDES -o OUT --mpp 0.5 --size 256``, the default job (tissue, tile
-  grid, ``tiles.h5``, thumbnail), one core per slide, on ``--slides`` slides (default 96: hard
-  links to the 12 generated slides, so they are separate slides to the runner but take no disk);
+  grid, ``tiles.h5``, thumbnail), one core per slide, on ``--slides`` slides (default 288: hard
+  links to the 12 generated slides, so they are separate slides to the runner but take no disk:
+  a batch of a few hundred, over which start-up costs weigh as little as in real use);
 - ``images``: the same with ``--save-images`` (every tile as a JPEG) on ``--image-slides`` of them. One
   process already reads on one thread while a second encodes and writes, so it uses about 1.5
   cores by itself and two processes can add at most 2 / 1.5 on two cores.
@@ -31,8 +32,8 @@ Writing many small files is kernel work that does not scale across processes on 
 system (on this project's ext4 virtual disk, creating a file costs about 1 ms of system time and
 two writers slow each other down); ``--out-root /dev/shm`` takes the disk out of the figure.
 
-    python bench/scale.py                      # makes 12 slides of 12000 px in bench/out/scale if missing
-    python bench/scale.py --make-size 24000 --slides 96 --image-slides 4 --json bench/out/scale.json
+    python bench/scale.py                      # makes 12 slides of 24000 px in bench/out/scale if missing
+    python bench/scale.py --slides 96 --json bench/out/scale.json
     python bench/scale.py --wait-idle 0.9      # on a shared machine: each run waits for a quiet moment
 """
 
@@ -152,9 +153,9 @@ def cpu_model() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=[*MODES, "both"], default="both", help="workload(s) to time")
-    ap.add_argument("--slides", type=int, default=96, help="slides in the coords set (hard links to 12)")
-    ap.add_argument("--image-slides", type=int, default=BASE, help="slides in the images set (of the 12)")
-    ap.add_argument("--make-size", type=int, default=12000, help="side of each generated slide, px")
+    ap.add_argument("--slides", type=int, default=288, help="slides in the coords set (hard links to 12)")
+    ap.add_argument("--image-slides", type=int, default=4, help="slides in the images set (of the 12)")
+    ap.add_argument("--make-size", type=int, default=24000, help="side of each generated slide, px")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out-root", type=Path, help="folder for the outputs (default: a temporary folder)")
     ap.add_argument("--wait-idle", type=float, default=0.0, help="start each run once the CPUs are this idle (0-1)")
