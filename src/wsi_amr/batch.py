@@ -655,8 +655,8 @@ def spawning_without_main() -> Iterator[None]:
     """Worker processes spawned inside the block skip re-importing this program's ``__main__``.
 
     A spawned process first imports its parent's main module: for ``wsi-amr`` the whole command
-    line, torch included, several seconds a worker (tens on a loaded machine), where a slide task
-    needs only :mod:`wsi_amr.batch` and its job module. Tasks never refer to ``__main__``.
+    line (and, under ``python -m`` or a script, whatever that imports), where a slide task needs
+    only :mod:`wsi_amr.batch` and its job module. Tasks never refer to ``__main__``.
     """
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")

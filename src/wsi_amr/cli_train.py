@@ -386,7 +386,8 @@ def classify(
     Each step streams a slide's patches without gradients keeping the M it attends to most, then
     trains on those M only: memory stays at M + I patches however large the slide. Writes
     OUT/best.safetensors + best.json (best validation AUC, or balanced accuracy with more than two
-    classes; ties go to the lower validation loss), OUT/last.*, last-state.* (for --resume) and OUT/metrics.jsonl.
+    classes; ties go to the lower validation loss), OUT/last.*, last-state.* (for --resume) and
+    OUT/metrics.jsonl.
 
     Example: wsi-amr train classify labels.csv -o runs/ips --patch-size 256 --mpp 0.5 -M 64 -I 256
 
@@ -398,8 +399,8 @@ def classify(
     cfg = ClassifyTrainConfig(
         out=out, labels=labels, features=features, encoder=encoder, classes=names, patch_size=patch_size, mpp=mpp,
         min_tissue=min_tissue, slide_mpp=slide_mpp, memory=memory, chunk=chunk, embed_dim=embed_dim, width=width,
-        heads=heads, dropout=dropout, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
-        augment=augment, val_fraction=val_fraction, val_every=val_every, log_every=log_every, seed=seed,
+        heads=heads, dropout=dropout, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup=warmup, augment=augment, val_fraction=val_fraction, val_every=val_every, log_every=log_every, seed=seed,
         device=device, threads=threads, resume=resume, overwrite=overwrite, command_line=_command_line(),
     )
     _run_training(lambda progress: train_classifier(cfg, progress=progress), out, describe_result, debug)

@@ -412,7 +412,8 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
         save_ips(out / "last", model, extra=card().as_extra())
         save_training_state(out, model, optimizer, rng, {
             "step": step, "best": best if best > -math.inf else None, "best_step": best_step, "metric": metric_name,
-            "best_loss": best_loss if best_loss < math.inf else None, "seconds": seconds(), **identity, "config": cfg.to_json()})
+            "best_loss": best_loss if best_loss < math.inf else None, "seconds": seconds(), **identity,
+            "config": cfg.to_json()})
 
     window = {"loss": 0.0, "n": 0, "t0": time.perf_counter()}
     model.train()
