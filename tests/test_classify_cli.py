@@ -321,6 +321,18 @@ def test_classify_feature_files_with_and_without_their_slide(slides_dir, tmp_pat
 # -- bad input -----------------------------------------------------------------------------
 
 
+def test_dropout_reaches_the_model_and_a_bad_value_is_one_line(tmp_path, runner):
+    labels = synthetic_features(tmp_path / "features")
+    args = ["train", "classify", labels, "--features", tmp_path / "features", "--steps", 2, *TINY]
+    res = invoke(runner, *args, "-o", tmp_path / "run", "--dropout", 0.25)
+    assert res.exit_code == 0, res.stderr
+    assert load_ips(tmp_path / "run" / "best.safetensors")[1].dropout == 0.25
+    for bad in (1, -0.1):
+        res = invoke(runner, *args, "-o", tmp_path / f"bad{bad}", "--dropout", bad)
+        (line,) = error_lines(res)
+        assert res.exit_code == 2 and "--dropout must be at least 0 and below 1" in line
+
+
 def test_labels_with_missing_files_or_unknown_labels_are_one_line(tmp_path, runner):
     labels = synthetic_images(tmp_path / "images", n=4)
     args = ["train", "classify", "-o", tmp_path / "run", "--steps", 1, *TINY]
