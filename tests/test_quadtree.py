@@ -112,6 +112,15 @@ def test_morton_order_of_a_grid():
     assert morton_order(x, y, 1).tolist() == [3, 2, 1, 0]
 
 
+def test_morton_order_interleaves_every_bit():
+    rng = np.random.default_rng(0)
+    for high in (4, 2**16, 2**32):
+        x, y = rng.integers(0, high, 500) * 8, rng.integers(0, high, 500) * 8
+        code = [sum(((int(a) // 8 >> b & 1) << 2 * b) | ((int(c) // 8 >> b & 1) << 2 * b + 1) for b in range(32))
+                for a, c in zip(x, y)]
+        assert morton_order(x, y, 8).tolist() == sorted(range(500), key=lambda i: code[i])
+
+
 def test_leaves_tile_the_tissue_with_no_gap_and_no_overlap():
     rng = np.random.default_rng(0)
     h, w = 300, 470  # not a multiple of the root size
@@ -293,12 +302,18 @@ def test_dice():
     assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0 and dice(np.zeros(3), np.zeros(3)) == 1.0
 
 
+@pytest.mark.parametrize("bit_count", [True, False], ids=["bit-count", "area-resize"])
 @pytest.mark.parametrize("cell", [1, 2, 4, 8, 16, 32])
-def test_cell_counts_are_exact(cell):
-    from wsi_amr.quadtree import _binary, _cell_integral
+def test_cell_counts_are_exact(cell, bit_count, monkeypatch):
+    from wsi_amr import quadtree
+    from wsi_amr.quadtree import _binary, _cell_any, _cell_integral
 
+    if bit_count and quadtree._BITWISE_COUNT is None:
+        pytest.skip("numpy < 2 has no bitwise_count")
+    if not bit_count:
+        monkeypatch.setattr(quadtree, "_BITWISE_COUNT", None)
     rng = np.random.default_rng(cell)
-    for p in (0.01, 0.5, 0.99):
+    for p in (0.0, 0.01, 0.5, 0.99, 1.0):
         a = rng.random((100, 150)) < p
         rows, cols = -(-100 // 64) * 64, -(-150 // 64) * 64
         got = _cell_integral(_binary(a), a.shape, cell, rows, cols)
@@ -308,3 +323,11 @@ def test_cell_counts_are_exact(cell):
         want = np.zeros((rows // cell + 1, cols // cell + 1), np.int64)
         want[1:, 1:] = cells.cumsum(0).cumsum(1)
         np.testing.assert_array_equal(got, want)
+        # Whether a box holds any set pixel, from the mask as bool and as labels of any value.
+        for mask in (a, (a * rng.integers(1, 256, a.shape)).astype(np.uint8)):
+            has = _cell_any(mask, a.shape, cell, rows, cols)
+            for i0, i1, j0, j1 in rng.integers(0, [rows // cell] * 2 + [cols // cell] * 2, (50, 4)):
+                i0, i1 = sorted((i0, i1 + 1))
+                j0, j1 = sorted((j0, j1 + 1))
+                box = lambda t: t[i1, j1] - t[i0, j1] - t[i1, j0] + t[i0, j0]  # noqa: E731
+                assert (box(has) > 0) == (box(want) > 0)

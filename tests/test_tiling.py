@@ -124,3 +124,22 @@ def test_opencv_thread_setting_is_safe_in_a_forked_child():
     if alive:
         child.kill()
     assert not alive and child.exitcode == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_a_background_thread_runs_below_the_rest_of_the_process():
+    # segment's outline thread: lower priority for itself alone, not for the process or the pool's
+    # caller (the model's thread), so the model and the read-ahead get the cores first.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_amr.jobs import BACKGROUND_NICE, background_thread
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice()
+    with ThreadPoolExecutor(1, initializer=background_thread) as pool:
+        inside = pool.submit(nice).result()
+    assert inside == min(19, before + BACKGROUND_NICE)
+    assert nice() == before and os.getpriority(os.PRIO_PROCESS, 0) == before

@@ -281,6 +281,23 @@ def test_predict_image_covers_the_image_and_chunks_long_sequences():
     assert len(make_leaves(np.zeros((1000, 1000, 3), np.uint8), QuadtreeParams(min_size=8), "uniform")) <= MAX_SEQUENCE
 
 
+@pytest.mark.parametrize("width", [600, 603])
+def test_leaves_over_tissue_equal_a_tree_over_the_whole_edge_map(width):
+    # make_leaves finds edges only in the tissue's bounding box (columns read 8 px at a time when
+    # the width allows); the leaves must be those of edges found over the whole image.
+    from wsi_amr.quadtree import build_quadtree, params_edge_map
+
+    rng = np.random.default_rng(width)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (500, width, 3)).astype(np.uint8), (0, 0), 2)
+    params = QuadtreeParams(min_size=8, max_size=64, split_threshold=20, edge_downsample=2)
+    for box in ((130, 75, 260, 341), (0, 0, 500, width), (499, width - 1, 500, width), (7, 9, 8, 10)):
+        tissue = np.zeros((500, width), bool)
+        tissue[box[0]:box[2], box[1]:box[3]] = True
+        got = make_leaves(img, params, "adaptive", tissue)
+        want = build_quadtree(params_edge_map(img, params), params, tissue)
+        assert len(got) and all(np.array_equal(getattr(got, k), getattr(want, k)) for k in ("x", "y", "size"))
+
+
 def test_augmentation_moves_labels_with_pixels_and_jitter_keeps_dtype():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)

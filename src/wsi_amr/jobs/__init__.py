@@ -7,6 +7,9 @@ Each module has ``run(ctx: JobContext) -> dict`` returning ``{"outputs": {role: 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import threading
 from collections.abc import Iterator
 
 import wsi_amr
@@ -35,3 +38,23 @@ def opencv_threads(n: int) -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(before)
+
+
+#: How much lower than the rest of the process a background thread runs (Linux nice steps).
+BACKGROUND_NICE = 10
+
+
+def background_thread() -> bool:
+    """Lower the calling thread's CPU priority by :data:`BACKGROUND_NICE` (Linux, where nice is per
+    thread; elsewhere nothing). For a pool's ``initializer``: work that may lag (tracing outlines
+    behind the model) then yields the cores to the threads on the critical path (the model and
+    the read-ahead that feeds it) instead of taking turns with them. Returns whether it did.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except OSError:
+        return False
+    return True

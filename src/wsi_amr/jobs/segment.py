@@ -30,7 +30,7 @@ from ..outputs import write_png_atomic
 from ..quadtree import uniform_token_count
 from ..slide import Resolution, open_slide
 from ..training import make_leaves, patching_from_card, predict_leaves
-from . import opencv_threads
+from . import background_thread, opencv_threads
 from .quadtree import sample_mask
 from .tissue import ASSUMED_MPP, load_or_detect, tissue_params
 
@@ -187,7 +187,8 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
 
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
-                    ThreadPoolExecutor(1, thread_name_prefix="outline") as outliner:
+                    ThreadPoolExecutor(1, thread_name_prefix="outline",
+                                       initializer=background_thread) as outliner:
                 pending: dict[Block, Future] = {}
                 outlines: deque[Future] = deque()
                 position = {b: i for i, b in enumerate(order)}
