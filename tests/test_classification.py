@@ -20,7 +20,7 @@ from wsi_amr.evaluation import classification_scores, roc_auc
 from wsi_amr.geojson import validate_feature
 from wsi_amr.ips import IPSConfig, IPSModel, iter_chunks, score_all, select_top_m
 from wsi_amr.ips_data import FeatureBag, LabelledBag, write_feature_file
-from wsi_amr.ips_training import is_better, stratified_split
+from wsi_amr.ips_training import draw_bags, is_better, stratified_split
 from wsi_amr.jobs.classify import attention_features, draw_attention
 
 
@@ -233,6 +233,18 @@ def test_best_checkpoint_ties_go_to_the_lower_validation_loss():
     assert is_better(1.0, 0.2, 1.0, 0.3)  # a saturated AUC: the surer model wins
     assert not is_better(1.0, 0.3, 1.0, 0.3)
     assert not is_better(1.0, None, 1.0, 0.3)
+
+
+def test_balanced_drawing_draws_every_class_equally_often():
+    labels = np.array([0] * 90 + [1] * 10)
+    plain = draw_bags(np.random.default_rng(0), labels, 20000, balance=False)
+    balanced = draw_bags(np.random.default_rng(0), labels, 20000, balance=True)
+    assert abs((labels[plain] == 1).mean() - 0.1) < 0.01
+    assert abs((labels[balanced] == 1).mean() - 0.5) < 0.02
+    assert set(balanced[labels[balanced] == 1].tolist()) == set(range(90, 100))  # every bag of the class
+    three = np.array([2, 0, 0, 0, 0, 0, 5, 5])  # labels need not be 0..K-1 in the drawing
+    drawn = three[draw_bags(np.random.default_rng(1), three, 9000, balance=True)]
+    np.testing.assert_allclose([(drawn == c).mean() for c in (0, 2, 5)], 1 / 3, atol=0.02)
 
 
 def test_heatmap_colours_each_patch_by_its_attention_without_blur():

@@ -333,6 +333,17 @@ def test_dropout_reaches_the_model_and_a_bad_value_is_one_line(tmp_path, runner)
         assert res.exit_code == 2 and "--dropout must be at least 0 and below 1" in line
 
 
+def test_balance_is_recorded_in_the_checkpoint(tmp_path, runner):
+    labels = synthetic_features(tmp_path / "features")
+    args = ["train", "classify", labels, "--features", tmp_path / "features", "--steps", 3, "--val-fraction", 0, *TINY]
+    for flag in ("--balance", "--no-balance"):
+        res = invoke(runner, *args, "-o", tmp_path / flag, flag)
+        assert res.exit_code == 0, res.stderr
+    cards = {flag: json.loads((tmp_path / flag / "best.json").read_text()) for flag in ("--balance", "--no-balance")}
+    training = {flag: card["extra"]["training"] for flag, card in cards.items()}
+    assert training["--balance"]["balance"] is True and training["--no-balance"]["balance"] is False
+
+
 def test_labels_with_missing_files_or_unknown_labels_are_one_line(tmp_path, runner):
     labels = synthetic_images(tmp_path / "images", n=4)
     args = ["train", "classify", "-o", tmp_path / "run", "--steps", 1, *TINY]

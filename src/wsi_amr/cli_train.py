@@ -343,6 +343,8 @@ BagBatch = Annotated[int, typer.Option("--batch-size", "-b", help="Slides per op
                                        "accumulated).")]
 Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Rotate (90-degree steps) and flip each "
                                        "slide's patches at random.")]
+Balance = Annotated[bool, typer.Option("--balance/--no-balance", help="Draw each step's slides class by class, "
+                                       "every class equally often (for unbalanced labels).")]
 BagValFraction = Annotated[float, typer.Option("--val-fraction", help="Share of each class's slides held out for "
                                                "validation, chosen by --seed.")]
 
@@ -371,6 +373,7 @@ def classify(
     weight_decay: WeightDecay = 1e-4,
     warmup: Warmup = None,
     augment: Augment = True,
+    balance: Balance = False,
     val_fraction: BagValFraction = 0.2,
     val_every: ValEvery = 50,
     log_every: LogEvery = 10,
@@ -400,7 +403,8 @@ def classify(
         out=out, labels=labels, features=features, encoder=encoder, classes=names, patch_size=patch_size, mpp=mpp,
         min_tissue=min_tissue, slide_mpp=slide_mpp, memory=memory, chunk=chunk, embed_dim=embed_dim, width=width,
         heads=heads, dropout=dropout, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        warmup=warmup, augment=augment, val_fraction=val_fraction, val_every=val_every, log_every=log_every, seed=seed,
+        warmup=warmup, augment=augment, balance=balance, val_fraction=val_fraction, val_every=val_every,
+        log_every=log_every, seed=seed,
         device=device, threads=threads, resume=resume, overwrite=overwrite, command_line=_command_line(),
     )
     _run_training(lambda progress: train_classifier(cfg, progress=progress), out, describe_result, debug)

@@ -74,6 +74,7 @@ class ClassifyTrainConfig:
     weight_decay: float = 1e-4
     warmup: int | None = None
     augment: bool = True  # random 90-degree rotations and flips of each bag's patches
+    balance: bool = False  # draw each step's bags class by class (every class equally often)
     val_fraction: float = 0.2
     val_every: int = 50
     log_every: int = 10
@@ -151,6 +152,18 @@ class ClassifyData:
     input: str  # "features" or "patches"
     feature_dim: int | None
     description: dict[str, Any] = field(default_factory=dict)
+
+
+def draw_bags(rng: np.random.Generator, labels: np.ndarray, n: int, balance: bool) -> np.ndarray:
+    """Indices of ``n`` training bags drawn with replacement: uniformly, or with ``balance`` a class
+    first (each class present equally likely) and then one of its bags, so a minority class
+    weighs in the loss as much as the majority (CLAM's weighted sampling does the same)."""
+    if not balance:
+        return rng.integers(len(labels), size=n)
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    which = rng.integers(len(classes), size=n)
+    return np.array([members[c][rng.integers(len(members[c]))] for c in which], np.int64)
 
 
 def stratified_split(bags: list[LabelledBag], fraction: float, seed: int) -> set[str]:
@@ -368,6 +381,7 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
     group.broadcast_parameters(model)
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
+    train_labels = np.array([bag.label for bag in data.train])
     identity = {"architecture": model_cfg.as_dict(), "classes": list(data.classes), "input": data.input,
                 "patch_size": cfg.patch_size, "mpp": cfg.mpp,
                 "encoder_sha256": encoder.sha256 if encoder is not None else None}
@@ -397,7 +411,7 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
         return _card(cfg, data, encoder, {
             "command": cfg.command_line, "wsi_amr_version": __version__, "data": data.description,
             "steps": step, "total_steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "augment": cfg.augment,
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "augment": cfg.augment, "balance": cfg.balance,
             "selection_metric": metric_name, "best_value": best if best > -math.inf else None,
             "best_step": best_step if best > -math.inf else None,
         })
@@ -437,7 +451,7 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
                 loss_value = 0.0
                 # The step's bags and one generator per bag, drawn alike in every process; each
                 # process takes its share of the bags.
-                picks = rng.integers(len(data.train), size=cfg.batch_size)
+                picks = draw_bags(rng, train_labels, cfg.batch_size, cfg.balance)
                 seeds = rng.integers(2**62, size=cfg.batch_size)
                 for j in group.share(cfg.batch_size):
                     bag = data.train[int(picks[j])]
