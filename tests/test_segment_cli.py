@@ -211,6 +211,7 @@ def test_every_readable_real_slide_is_segmented_with_the_bundled_model(runner, s
     (row,) = [json.loads(line) for line in res.stdout.splitlines()]
     if mpp is not None and mpp[0] > 0.62:  # coarser than the model's 0.62 µm/px: refused, not upsampled
         assert row["status"] == "failed" and "finer than the slide's level 0" in row["message"]
+        assert "the model works at 0.62 µm/px" in row["message"] and "coarser --mpp" not in row["message"]
         return
     assert row["status"] in ("done", "empty"), row["message"]
     out = Path(row["out_dir"])

@@ -214,11 +214,14 @@ def open_image_bag(path: Path, patch: int, image: np.ndarray | None = None) -> B
                size=(image.shape[1], image.shape[0]))
 
 
-def slide_patch_grid(slide: Slide, patch: int, mpp: float, tissue_map: Any, min_tissue: float) -> tuple[np.ndarray, float]:
+def slide_patch_grid(slide: Slide, patch: int, mpp: float, tissue_map: Any, min_tissue: float,
+                     remedy: str | None = None) -> tuple[np.ndarray, float]:
     """Level-0 top-left corners of the ``patch``-px patches at ``mpp`` whose tissue fraction is at
     least ``min_tissue`` (the ``wsi-amr tile`` grid, no overlap), and the downsample they are read
-    at. ``tissue_map``: a :class:`~wsi_amr.jobs.tissue.TissueMap`, or None for every patch."""
-    ds = slide.downsample_for(Resolution(mpp=mpp))
+    at. ``tissue_map``: a :class:`~wsi_amr.jobs.tissue.TissueMap`, or None for every patch.
+    ``remedy``: the end of the message when ``mpp`` is finer than the slide's level 0."""
+    res = Resolution(mpp=mpp)
+    ds = slide.downsample_for(res, remedy) if remedy else slide.downsample_for(res)
     w, h = slide.dimensions
     grid, _ = tile_grid(w, h, size=patch, overlap=0, downsample=ds,
                         tissue_mask=None if tissue_map is None else tissue_map.mask,

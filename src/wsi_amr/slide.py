@@ -122,8 +122,10 @@ class Slide(ABC):
             )
         return (mpp[0] + mpp[1]) / 2.0
 
-    def downsample_for(self, resolution: Resolution) -> float:
-        """Level-0 pixels per working pixel for ``resolution``."""
+    def downsample_for(self, resolution: Resolution,
+                       remedy: str = "choose a coarser --mpp or --magnification") -> float:
+        """Level-0 pixels per working pixel for ``resolution``; ``remedy`` ends the message when it
+        is finer than level 0 (what the command's user can change)."""
         if resolution.mpp is not None:
             ds = resolution.mpp / self.require_mpp()
         elif resolution.magnification is not None:
@@ -143,7 +145,7 @@ class Slide(ABC):
             finest = f"{self.mpp[0]:.4g} µm/px" if self.mpp else "level 0"
             raise SlideError(
                 f"{self.name}: {resolution.describe()} is finer than the slide's level 0 "
-                f"({finest}); choose a coarser --mpp or --magnification"
+                f"({finest}); {remedy}"
             )
         # Within the tolerance, read level 0 as is rather than resample by a few percent.
         return max(ds, 1.0)

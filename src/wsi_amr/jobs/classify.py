@@ -134,7 +134,10 @@ def open_for_classify(ctx: JobContext, card: ClassifierCard, embed_dim: int) -> 
             return
         slide = stack.enter_context(open_slide(path, slide_mpp=ctx.slide_mpp))
         tm = load_or_detect(ctx, slide, tissue_params(ctx.params["tissue"]))
-        coords, ds = slide_patch_grid(slide, patch, card.mpp, tm, card.min_tissue)
+        coords, ds = slide_patch_grid(slide, patch, card.mpp, tm, card.min_tissue,
+                                      remedy=f"the model reads patches at {card.mpp:g} µm/px; classify this "
+                                             "slide with a model trained at its resolution or coarser "
+                                             "(train classify --mpp)")
         base, base_ds = slide.thumbnail(OVERLAY_SIDE)
         yield slide_bag(slide, coords, patch, ds), base, base_ds
 

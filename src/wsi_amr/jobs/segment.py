@@ -128,7 +128,9 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
         timing["tissue"] += time.perf_counter() - t0
         if slide.mpp is None:
             ctx.warn(f"{slide.name}: no mpp recorded; assuming {ASSUMED_MPP} µm/px (set --slide-mpp)")
-        ds = slide.downsample_for(Resolution(mpp=card.mpp))
+        ds = slide.downsample_for(Resolution(mpp=card.mpp),
+                                  remedy=f"the model works at {card.mpp:g} µm/px; segment this slide with a model "
+                                         "trained at its resolution or coarser (train segment --mpp)")
         w0, h0 = slide.dimensions
         width, height = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
         mpp0 = slide.mpp or (ASSUMED_MPP, ASSUMED_MPP)
