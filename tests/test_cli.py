@@ -339,3 +339,33 @@ def test_the_command_line_and_the_slide_jobs_start_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert out.stdout.strip() == "False"
+
+
+def test_every_written_default_shows_in_the_help(runner):
+    # Rich reads an unescaped "[default: ...]" in option help as a markup tag and drops it:
+    # "adaptive or uniform ." was all `segment --help` said of --patching.
+    import re
+
+    import click
+    import typer
+
+    from wsi_amr.cli import app
+
+    def commands(group: click.Group, path: tuple[str, ...] = ()):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, (*path, name))
+            else:
+                yield (*path, name), cmd
+
+    checked = 0
+    for path, cmd in commands(typer.main.get_command(app)):
+        written = [m for p in cmd.params for m in re.findall(r"\[default: ([^\]]+)\]", p.help or "")]
+        if not written:
+            continue
+        res = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400"}, catch_exceptions=False)
+        assert res.exit_code == 0
+        for default in written:
+            assert f"[default: {default}]" in res.stdout, (path, default)
+            checked += 1
+    assert checked >= 10

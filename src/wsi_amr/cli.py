@@ -70,7 +70,7 @@ SlideMpp = Annotated[Optional[float], typer.Option("--slide-mpp", help="Level-0 
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 Device = Annotated[str, typer.Option("--device", help="Where the model runs: auto (a GPU when there is one), cpu, "
                                    "cuda, cuda:N or mps. One process per GPU: --device cuda:K in each (see --shard).")]
-Mpp = Annotated[Optional[float], typer.Option("--mpp", help="Working resolution in µm/px [default: 0.5].")]
+Mpp = Annotated[Optional[float], typer.Option("--mpp", help="Working resolution in µm/px \\[default: 0.5].")]
 Magnification = Annotated[Optional[float], typer.Option("--magnification", "--mag",
                                                         help="Working resolution as objective magnification (e.g. 20).")]
 Modality = Annotated[str, typer.Option("--modality", help="brightfield (stained, white background), "
@@ -476,16 +476,16 @@ def segment(
     out: Out = DEFAULT_OUT,
     model: Annotated[Optional[Path], typer.Option(
         "--model", "-m", help="A checkpoint from `wsi-amr train segment` (NAME.safetensors with NAME.json "
-        "beside it) [default: the bundled model, see --list-models].", show_default=False)] = None,
+        "beside it) \\[default: the bundled model, see --list-models].", show_default=False)] = None,
     list_models: Annotated[bool, typer.Option("--list-models", help="Show the bundled models and exit.")] = False,
     patching: Annotated[Optional[str], typer.Option(
-        "--patching", help="adaptive or uniform [default: as the model was trained].", show_default=False)] = None,
+        "--patching", help="adaptive or uniform \\[default: as the model was trained].", show_default=False)] = None,
     window: Annotated[int, typer.Option("--window", help="Window side, working px.")] = 2048,
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap of neighbouring windows, working px "
                                          "(probabilities are blended across it).")] = 128,
     context: Annotated[Optional[int], typer.Option(
         "--context", help="Attention context, working px: the model attends within squares of this side "
-        "[default: the model's training crop]; 0: the whole window.", show_default=False)] = None,
+        "\\[default: the model's training crop]; 0: the whole window.", show_default=False)] = None,
     simplify: Annotated[float, typer.Option("--simplify", help="Polygon simplification tolerance, µm "
                                             "(0: exact pixel outlines).")] = 0.5,
     min_object: Annotated[float, typer.Option("--min-object", help="Drop objects smaller than this, µm².")] = 50.0,

@@ -95,11 +95,11 @@ def evaluate(
                                         "(slide,label).", show_default=False)],
     classes: Annotated[Optional[str], typer.Option(
         "--classes", help="Class names of label ids 1, 2, ... (comma-separated); GeoJSON classifications are "
-        "mapped by these names [default: the names found in the GeoJSON files].")] = None,
+        "mapped by these names \\[default: the names found in the GeoJSON files].")] = None,
     downsample: Annotated[float, typer.Option(
         "--downsample", help="Level-0 px per compared pixel when GeoJSON is rasterised.")] = 1.0,
     size: Annotated[Optional[str], typer.Option(
-        "--size", help="Level-0 WIDTHxHEIGHT of the area compared when both sides are GeoJSON [default: the "
+        "--size", help="Level-0 WIDTHxHEIGHT of the area compared when both sides are GeoJSON \\[default: the "
         "objects' extent].", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON (one line per pair, then the "
                                            "total) instead of a table.")] = False,

@@ -65,7 +65,7 @@ Colors = Annotated[Optional[str], typer.Option("--colors", help="Class colours f
 Unannotated = Annotated[str, typer.Option("--unannotated", help="Slide pixels outside every annotation: "
                                           "background (class 0) or ignore (no loss).")]
 Mpp = Annotated[Optional[float], typer.Option("--mpp", help="Working µm/px. Images are taken to be at it "
-                                              "[default: 0.62, GlaS]; slides are read at it [default: the "
+                                              "\\[default: 0.62, GlaS]; slides are read at it \\[default: the "
                                               "first slide's own].")]
 SlideMpp = Annotated[Optional[float], typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose "
                                                    "scanner recorded none.")]
@@ -90,7 +90,7 @@ Steps = Annotated[int, typer.Option("--steps", help="Optimisation steps: the tra
                                     "patching modes at equal steps).")]
 Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW; linear warm-up, cosine decay).")]
 WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases, norms).")]
-Warmup = Annotated[Optional[int], typer.Option("--warmup", help="Warm-up steps [default: 5% of --steps].")]
+Warmup = Annotated[Optional[int], typer.Option("--warmup", help="Warm-up steps \\[default: 5% of --steps].")]
 DiceWeight = Annotated[float, typer.Option("--dice-weight", help="Weight of the soft Dice loss added to "
                                            "cross-entropy (0: cross-entropy only).")]
 Jitter = Annotated[float, typer.Option("--jitter", help="Colour jitter strength: brightness, contrast, "
@@ -108,7 +108,7 @@ Depth = Annotated[int, typer.Option("--depth", help="Transformer layers.")]
 Heads = Annotated[int, typer.Option("--heads", help="Attention heads (must divide --width).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for Python, numpy and torch: same seed, same run on CPU.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: torch's].")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch \\[default: torch's].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from OUT/last-state.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --out that holds a run.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
