@@ -102,11 +102,14 @@ def standardised(encoder, shift, scale):
     return _Standardised().eval()
 
 
-def lab_stats(rgb: np.ndarray) -> np.ndarray:
-    """Mean and standard deviation of each channel of OpenCV's 8-bit CIELAB: (6,)."""
+def lab_stats(rgb: np.ndarray, lab: np.ndarray | None = None) -> np.ndarray:
+    """Mean and standard deviation of each channel of OpenCV's 8-bit CIELAB: (6,). ``lab``: the
+    image already converted, if the caller has it."""
     import cv2
 
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
+    if lab is None:
+        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    lab = lab.reshape(-1, 3).astype(np.float64)
     return np.concatenate([lab.mean(axis=0), lab.std(axis=0)])
 
 
@@ -115,9 +118,9 @@ def reinhard(rgb: np.ndarray, target: np.ndarray) -> np.ndarray:
     image shifted and scaled to the ``target`` mean and spread (:func:`lab_stats`)."""
     import cv2
 
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
-    own = lab_stats(rgb)
-    lab = (lab - own[:3]) / (own[3:] + 1e-3) * target[3:] + target[:3]
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    own = lab_stats(rgb, lab)
+    lab = (lab.astype(np.float32) - own[:3]) / (own[3:] + 1e-3) * target[3:] + target[:3]
     return cv2.cvtColor(np.clip(np.round(lab), 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 

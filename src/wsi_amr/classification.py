@@ -34,7 +34,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, file_sha256
 from .ips import IPSConfig, IPSModel, iter_chunks, score_all, select_top_m
 from .ips_data import BagError, FeatureBag, ImagePatches, SlidePatches, covering_grid
-from .slide import Resolution, Slide, open_slide, slide_stem
+from .slide import COARSER_OPTION, Resolution, Slide, open_slide, slide_stem
 from .tiling import tile_grid
 
 #: Files read as one image each (not as slides): cut into a covering grid of patches at their own
@@ -215,13 +215,12 @@ def open_image_bag(path: Path, patch: int, image: np.ndarray | None = None) -> B
 
 
 def slide_patch_grid(slide: Slide, patch: int, mpp: float, tissue_map: Any, min_tissue: float,
-                     remedy: str | None = None) -> tuple[np.ndarray, float]:
+                     remedy: str = COARSER_OPTION) -> tuple[np.ndarray, float]:
     """Level-0 top-left corners of the ``patch``-px patches at ``mpp`` whose tissue fraction is at
     least ``min_tissue`` (the ``wsi-amr tile`` grid, no overlap), and the downsample they are read
     at. ``tissue_map``: a :class:`~wsi_amr.jobs.tissue.TissueMap`, or None for every patch.
     ``remedy``: the end of the message when ``mpp`` is finer than the slide's level 0."""
-    res = Resolution(mpp=mpp)
-    ds = slide.downsample_for(res, remedy) if remedy else slide.downsample_for(res)
+    ds = slide.downsample_for(Resolution(mpp=mpp), remedy)
     w, h = slide.dimensions
     grid, _ = tile_grid(w, h, size=patch, overlap=0, downsample=ds,
                         tissue_mask=None if tissue_map is None else tissue_map.mask,

@@ -170,10 +170,8 @@ def _words(a: np.ndarray, cell: int, rows: int, cols: int) -> np.ndarray:
 
 
 def _integral(cells: np.ndarray) -> np.ndarray:
-    """(r + 1, c + 1) int64 integral of per-cell counts."""
+    """(r + 1, c + 1) int64 integral of uint8 per-cell counts."""
     depth = cv2.CV_32S if cells.size * 255 < 2**31 else cv2.CV_64F
-    if cells.dtype != np.uint8:
-        cells = cells.astype(np.float64) if depth == cv2.CV_64F else cells.astype(np.int32)
     return cv2.integral(cells, sdepth=depth).astype(np.int64)
 
 

@@ -32,6 +32,17 @@ SLIDE_EXTENSIONS = (
     ".dcm", ".qptiff", ".btf", ".ome.tif", ".ome.tiff",
 )
 
+#: How a "finer than level 0" message ends for commands that take --mpp or --magnification.
+COARSER_OPTION = "choose a coarser --mpp or --magnification"
+
+
+def coarser_model(command: str, mpp: float, works: str = "works") -> str:
+    """How that message ends for a command whose resolution is its model's (``segment``,
+    ``classify``): the model's resolution, and the training option that sets it."""
+    return (f"the model {works} at {mpp:g} µm/px; {command} this slide with a model trained at its "
+            f"resolution or coarser (train {command} --mpp)")
+
+
 # A target resolution this much finer than level 0 is refused rather than silently upsampled.
 _UPSAMPLE_TOLERANCE = 1.05
 
@@ -122,8 +133,7 @@ class Slide(ABC):
             )
         return (mpp[0] + mpp[1]) / 2.0
 
-    def downsample_for(self, resolution: Resolution,
-                       remedy: str = "choose a coarser --mpp or --magnification") -> float:
+    def downsample_for(self, resolution: Resolution, remedy: str = COARSER_OPTION) -> float:
         """Level-0 pixels per working pixel for ``resolution``; ``remedy`` ends the message when it
         is finer than level 0 (what the command's user can change)."""
         if resolution.mpp is not None:

@@ -28,7 +28,7 @@ from ..geojson import PathClass, make_box_feature, write_geojson
 from ..ips import load_ips
 from ..ips_data import BagError
 from ..outputs import write_json_atomic, write_png_atomic
-from ..slide import SlideError, open_slide, slide_stem
+from ..slide import SlideError, coarser_model, open_slide, slide_stem
 from .tissue import OVERLAY_SIDE, load_or_detect, overlay_image, tissue_params
 
 RESULT_FILE = "classification.json"
@@ -135,9 +135,7 @@ def open_for_classify(ctx: JobContext, card: ClassifierCard, embed_dim: int) -> 
         slide = stack.enter_context(open_slide(path, slide_mpp=ctx.slide_mpp))
         tm = load_or_detect(ctx, slide, tissue_params(ctx.params["tissue"]))
         coords, ds = slide_patch_grid(slide, patch, card.mpp, tm, card.min_tissue,
-                                      remedy=f"the model reads patches at {card.mpp:g} µm/px; classify this "
-                                             "slide with a model trained at its resolution or coarser "
-                                             "(train classify --mpp)")
+                                      remedy=coarser_model("classify", card.mpp, "reads patches"))
         base, base_ds = slide.thumbnail(OVERLAY_SIDE)
         yield slide_bag(slide, coords, patch, ds), base, base_ds
 

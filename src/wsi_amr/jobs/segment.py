@@ -28,7 +28,7 @@ from ..labeltiff import LabelTiff
 from ..inference import Block, SeamlessPolygons, blend_stream, class_map, window_starts
 from ..outputs import write_png_atomic
 from ..quadtree import uniform_token_count
-from ..slide import Resolution, open_slide
+from ..slide import Resolution, coarser_model, open_slide
 from ..training import make_leaves, patching_from_card, predict_leaves
 from . import background_thread, opencv_threads
 from .quadtree import sample_mask
@@ -128,9 +128,7 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
         timing["tissue"] += time.perf_counter() - t0
         if slide.mpp is None:
             ctx.warn(f"{slide.name}: no mpp recorded; assuming {ASSUMED_MPP} µm/px (set --slide-mpp)")
-        ds = slide.downsample_for(Resolution(mpp=card.mpp),
-                                  remedy=f"the model works at {card.mpp:g} µm/px; segment this slide with a model "
-                                         "trained at its resolution or coarser (train segment --mpp)")
+        ds = slide.downsample_for(Resolution(mpp=card.mpp), coarser_model("segment", card.mpp))
         w0, h0 = slide.dimensions
         width, height = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
         mpp0 = slide.mpp or (ASSUMED_MPP, ASSUMED_MPP)
