@@ -103,8 +103,9 @@ def _natural_key(name: str) -> tuple[str, int]:
     return (prefix, int(num)) if num.isdigit() else (stem, -1)
 
 
-def list_sources(glas_dir: str | os.PathLike[str], images: str = "testA") -> list[str]:
-    """Names of the GlaS images of one set (``testA``, ``train`` or ``all``), in natural order."""
+def list_sources(glas_dir: str | os.PathLike[str], images: str = "testA", exclude: Sequence[str] = ()) -> list[str]:
+    """Names of the GlaS images of one set (``testA``, ``train`` or ``all``), in natural order,
+    less those named in ``exclude`` (file names or stems, e.g. a model's validation images)."""
     if images not in IMAGE_SETS:
         raise ValueError(f"images must be one of {IMAGE_SETS}, not {images!r}")
     img_dir = Path(glas_dir) / "images"
@@ -116,12 +117,19 @@ def list_sources(glas_dir: str | os.PathLike[str], images: str = "testA") -> lis
     names.sort(key=_natural_key)
     if not names:
         raise FileNotFoundError(f"no GlaS {images} images in {img_dir}")
+    drop = {Path(n).stem for n in exclude}
+    unknown = sorted(drop - {Path(n).stem for n in names})
+    if unknown:
+        raise ValueError(f"--exclude names {', '.join(unknown)}, not among the GlaS {images} images")
+    names = [n for n in names if Path(n).stem not in drop]
+    if not names:
+        raise ValueError(f"every GlaS {images} image is excluded")
     return names
 
 
-def load_sources(glas_dir: str | os.PathLike[str], images: str = "testA") -> Sources:
+def load_sources(glas_dir: str | os.PathLike[str], images: str = "testA", exclude: Sequence[str] = ()) -> Sources:
     glas_dir = Path(glas_dir)
-    names = list_sources(glas_dir, images)
+    names = list_sources(glas_dir, images, exclude)
     imgs, masks = [], []
     for name in names:
         bgr = cv2.imread(str(glas_dir / "images" / name), cv2.IMREAD_COLOR)
@@ -580,6 +588,7 @@ def make_slide(
     glas_dir: str | os.PathLike[str] | None = None,
     glas_mpp: float = 0.62,
     images: str = "testA",
+    exclude: Sequence[str] = (),
     seed: int = 0,
     tile: int = 512,
     quality: int = 85,
@@ -624,7 +633,7 @@ def make_slide(
         if verbose:
             print(msg, flush=True)
 
-    sources = load_sources(glas_dir, images)
+    sources = load_sources(glas_dir, images, exclude)
     t0 = time.perf_counter()
     placements = plan_layout(
         width, height, sources.sizes, mpp=mpp, glas_mpp=glas_mpp, seed=seed, fill=fill,
@@ -678,7 +687,7 @@ def make_slide(
 
     params = {
         "width": width, "height": height, "name": name, "mpp": mpp, "glas_dir": str(glas_dir),
-        "glas_mpp": glas_mpp, "images": images, "seed": seed, "tile": tile, "quality": quality,
+        "glas_mpp": glas_mpp, "images": images, "exclude": sorted(exclude), "seed": seed, "tile": tile, "quality": quality,
         "fill": fill, "ycbcr": ycbcr, "image_gap": image_gap,
     }  # fmt: skip
     seconds["total"] = time.perf_counter() - t_start
@@ -841,6 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--glas-dir", type=Path, default=None, help="GlaS folder (images/, masks/)")
     ap.add_argument("--glas-mpp", type=float, default=0.62, help="GlaS microns per pixel")
     ap.add_argument("--images", choices=IMAGE_SETS, default="testA")
+    ap.add_argument("--exclude", default="",
+                    help="comma-separated image names to leave out (e.g. a model's validation images)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--quality", type=int, default=85, help="JPEG quality")
@@ -855,7 +866,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = make_slide(
             a.out, a.size, a.height, name=a.name, mpp=a.mpp, glas_dir=a.glas_dir,
-            glas_mpp=a.glas_mpp, images=a.images, seed=a.seed, tile=a.tile, quality=a.quality,
+            glas_mpp=a.glas_mpp, images=a.images,
+            exclude=[n.strip() for n in a.exclude.split(",") if n.strip()], seed=a.seed, tile=a.tile, quality=a.quality,
             fill=a.fill, image_gap=a.image_gap, workers=a.workers, geojson=not a.no_geojson, ycbcr=not a.rgb_jpeg,
             verbose=True,
         )  # fmt: skip

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """A segmentation checkpoint's gland Dice on GlaS testA (the bundled model's card figure).
 
-Each image is segmented twice: with attention in squares of the training crop (``--context``,
-how ``wsi-amr segment`` runs a model) and as one sequence per image. Dice of the Gland class
+Each image is segmented twice: with attention in squares of the training crop (``--context``),
+averaged over the squares at offsets 0 and half a square (``--shifts``), how ``wsi-amr segment``
+runs a model; and as one sequence per image. Dice of the Gland class
 (every non-background class together for models with more), pooled over all pixels and the mean
 per image.
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--glas", type=Path, default=REPO.parent / "shared" / "data" / "glas")
     ap.add_argument("--images", default="testA_*.png")
     ap.add_argument("--context", type=int, default=None, help="attention squares, px [default: the training crop]")
-    ap.add_argument("--shifts", default="0", help="context grid shifts, px, averaged (as wsi-amr segment's --shifts)")
+    ap.add_argument("--shifts", default=None,
+                    help="context grid shifts, px, averaged [default: 0 and half the context, as wsi-amr segment]")
     ap.add_argument("--placed", action="store_true", help="also segment each image placed on glass at a random offset")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     model, card = load_checkpoint(args.model)
     params, mode = patching_from_card(card)
     context = args.context or int((card.training or {}).get("crop") or 256)
-    shifts = tuple(int(v) for v in args.shifts.split(","))
+    shifts = tuple(int(v) for v in args.shifts.split(",")) if args.shifts else (0, context // 2)
     paths = sorted((args.glas / "images").glob(args.images))
     if not paths:
         print(f"testa: no images {args.glas / 'images' / args.images}", file=sys.stderr)

@@ -172,3 +172,14 @@ def test_level_shapes():
     ]  # fmt: skip
     assert ms.level_shapes(3000, 2500)[-1] == (750, 625)
     assert ms.level_shapes(800, 600) == [(800, 600)]
+
+
+def test_exclude_leaves_images_out():
+    every = ms.list_sources(GLAS, "train")
+    kept = ms.list_sources(GLAS, "train", exclude=["train_8", "train_19.png"])
+    assert len(kept) == len(every) - 2
+    assert "train_8.png" not in kept and "train_19.png" not in kept and "train_9.png" in kept
+    with pytest.raises(ValueError, match="testA_1"):
+        ms.list_sources(GLAS, "train", exclude=["testA_1"])
+    with pytest.raises(ValueError, match="every"):
+        ms.list_sources(GLAS, "testA", exclude=[f"testA_{i}" for i in range(1, 61)])

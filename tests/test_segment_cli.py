@@ -167,12 +167,28 @@ def test_interrupted_batch_resumes_where_it_stopped(runner, rect_slide, tmp_path
     (["--window", "32"], "--window"),
     (["--simplify", "-1"], "--simplify"),
     (["--device", "cuda:99"], "--device"),
+    (["--shifts", "0,x"], "--shifts"),
+    (["--shifts", "-8"], "--shifts"),
+    (["--shifts", "0,256"], "--shifts"),  # the square is the training crop: 256 px
+    (["--shifts", "0,32", "--context", "0"], "--shifts"),
 ])
 def test_bad_options_exit_2(runner, rect_slide, tmp_path, args, needle):
     slide, _ = rect_slide
     model = constant_model(tmp_path / "m")
     res = invoke(runner, "segment", slide, "-o", tmp_path / "out", "--model", model, *args)
     assert res.exit_code == 2 and needle in res.stderr
+
+
+def test_shifts_default_to_half_a_square_and_are_recorded(runner, rect_slide, tmp_path):
+    slide, _ = rect_slide
+    model = constant_model(tmp_path / "m")
+    for args, want in (((), [0, 128]), (("--shifts", "0"), [0]), (("--context", "64", "--shifts", "48,0,16"), [0, 16, 48]),
+                       (("--context", "0"), [0])):
+        out = tmp_path / f"out{len(want)}{len(args)}"
+        res = invoke(runner, "segment", slide, "-o", out, "--model", model, "--json", *args)
+        assert res.exit_code == 0, res.stderr
+        stats = json.loads(res.stdout.splitlines()[0])["stats"]
+        assert stats["shifts"] == want and stats["objects"] == 1
 
 
 def test_bad_model_is_one_line(runner, rect_slide, tmp_path):

@@ -461,7 +461,7 @@ def _list_models() -> None:
         for key in ("description", "data", "data_licence", "command", "test_dice"):
             value = training.get(key)
             if key == "data" and isinstance(value, dict):
-                sources = data.get("images") or data.get("slides") or []
+                sources = [*(data.get("images") or []), *(data.get("slides") or [])]
                 value = (f"{' '.join(map(str, sources))}: {data.get('train_items')} for training, "
                          f"{len(data.get('val_names') or [])} for validation")
             if value:
@@ -486,6 +486,11 @@ def segment(
     context: Annotated[Optional[int], typer.Option(
         "--context", help="Attention context, working px: the model attends within squares of this side "
         "\\[default: the model's training crop]; 0: the whole window.", show_default=False)] = None,
+    shifts: Annotated[Optional[str], typer.Option(
+        "--shifts", help="Offsets of the attention squares, working px, comma-separated: the model runs once "
+        "per offset and the probabilities are averaged, so no object is seen only where a square's border "
+        "cuts it; 0: one pass, 1.2-1.4x faster \\[default: 0 and half the square, e.g. 0,128].",
+        show_default=False)] = None,
     simplify: Annotated[float, typer.Option("--simplify", help="Polygon simplification tolerance, µm "
                                             "(0: exact pixel outlines).")] = 0.5,
     min_object: Annotated[float, typer.Option("--min-object", help="Drop objects smaller than this, µm².")] = 50.0,
@@ -544,15 +549,33 @@ def segment(
         _fail_usage(f"--context must be 0 or a positive number of px, got {context}")
     if simplify < 0 or min_object < 0:
         _fail_usage("--simplify and --min-object must not be negative")
+    square = context if context is not None else int((doc.get("training") or {}).get("crop") or 256)
+    offsets = _parse_shifts(shifts, square) if shifts is not None else ([0, square // 2] if square else [0])
     _check_device(device)
     params = {
         "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
         "segment": {"model": str(weights.resolve()), "model_sha256": doc.get("weights_sha256"), "patching": patching,
-                    "window": window, "overlap": overlap, "context": context, "simplify_um": simplify, "min_area_um2": min_object,
+                    "window": window, "overlap": overlap, "context": context, "shifts": offsets, "simplify_um": simplify, "min_area_um2": min_object,
                     "object_type": object_type, "gzip": gzip, "mask_tiff": mask_tiff, "device": device},
     }
     run_slides("segment", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
                slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
+
+
+def _parse_shifts(text: str, context: int | None) -> list[int]:
+    """--shifts as a sorted list of distinct offsets; a usage error unless each is a whole number of px
+    from 0 up to the attention square (which must exist for more than one)."""
+    try:
+        offsets = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        _fail_usage(f"--shifts must be comma-separated whole numbers of px, got {text!r}")
+    if not offsets or offsets[0] < 0:
+        _fail_usage(f"--shifts must be offsets of 0 px or more, got {text!r}")
+    if offsets != [0] and context == 0:
+        _fail_usage("--shifts moves the attention squares; with --context 0 there are none")
+    if context and offsets[-1] >= context:
+        _fail_usage(f"--shifts must be below the attention square's side (--context {context}), got {text!r}")
+    return offsets
 
 
 def _check_device(device: str) -> None:

@@ -118,6 +118,12 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
     if context is None:
         context = int((card.training or {}).get("crop") or 256)
     context = context or None  # 0: the whole window is one sequence
+    # Square offsets whose probabilities are averaged: by default a second pass moved by half a
+    # square, so every pixel is once well inside a square (objects cut by a square's border lose).
+    shifts = sp.get("shifts")
+    shifts = [int(v) for v in shifts] if shifts is not None else ([0, context // 2] if context else [0])
+    if context and max(shifts) >= context:
+        raise ValueError(f"shifts {shifts} must be below the attention square's side ({context} px)")
     k = model.cfg.num_classes
     timing = {"read": 0.0, "tissue": 0.0, "quadtree": 0.0, "model": 0.0, "blend": 0.0, "polygons": 0.0, "write": 0.0}
     tokens = {"uniform": 0, "used": 0}
@@ -211,7 +217,8 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
                     tokens["used"] += len(leaves)
                     tokens["uniform"] += n_uniform
                     t = time.perf_counter()
-                    probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size, context=context)
+                    probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size, context=context,
+                                           shifts=shifts)
                     timing["model"] += time.perf_counter() - t
                     return probs
 
@@ -261,6 +268,8 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
         "token_reduction": (round(tokens["uniform"] / tokens["used"], 3)
                             if patching == "adaptive" and tokens["used"] else None),
         "windows": n_windows,
+        "context": context or 0,
+        "shifts": shifts if context else [0],
         "mpp": round(float(np.mean(mpp0)) * ds, 6),
         "downsample": round(ds, 6),
         **{f"seconds_{name}": round(v, 3) for name, v in timing.items()},
