@@ -30,7 +30,7 @@ from ..outputs import write_png_atomic
 from ..quadtree import uniform_token_count
 from ..slide import Resolution, coarser_model, open_slide
 from ..training import make_leaves, patching_from_card, predict_leaves
-from . import background_thread, opencv_threads
+from . import background_thread, opencv_threads, trim_heap
 from .quadtree import sample_mask
 from .tissue import ASSUMED_MPP, load_or_detect, tissue_params
 
@@ -220,6 +220,7 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
                     probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size, context=context,
                                            shifts=shifts)
                     timing["model"] += time.perf_counter() - t
+                    trim_heap()  # the model's and last window's freed blocks: memory flat over slide size
                     return probs
 
                 t_loop = time.perf_counter()
