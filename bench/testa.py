@@ -45,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from wsi_amr.checkpoint import load_checkpoint
-    from wsi_amr.training import make_leaves, patching_from_card, predict_leaves, read_image, read_mask
+    from wsi_amr.training import (default_shifts, make_leaves, patching_from_card, predict_leaves, read_image,
+                                  read_mask, training_context)
 
     torch.set_num_threads(args.threads)
     model, card = load_checkpoint(args.model)
     params, mode = patching_from_card(card)
-    context = args.context or int((card.training or {}).get("crop") or 256)
-    shifts = tuple(int(v) for v in args.shifts.split(",")) if args.shifts else (0, context // 2)
+    context = args.context or training_context(card.training)
+    shifts = tuple(int(v) for v in args.shifts.split(",")) if args.shifts else tuple(default_shifts(context))
     paths = sorted((args.glas / "images").glob(args.images))
     if not paths:
         print(f"testa: no images {args.glas / 'images' / args.images}", file=sys.stderr)

@@ -549,8 +549,10 @@ def segment(
         _fail_usage(f"--context must be 0 or a positive number of px, got {context}")
     if simplify < 0 or min_object < 0:
         _fail_usage("--simplify and --min-object must not be negative")
-    square = context if context is not None else int((doc.get("training") or {}).get("crop") or 256)
-    offsets = _parse_shifts(shifts, square) if shifts is not None else ([0, square // 2] if square else [0])
+    from .training import default_shifts, training_context
+
+    square = context if context is not None else training_context(doc.get("training"))
+    offsets = _parse_shifts(shifts, square) if shifts is not None else default_shifts(square)
     _check_device(device)
     params = {
         "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),

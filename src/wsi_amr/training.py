@@ -895,6 +895,18 @@ def _predict(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray, para
     return out.argmax(axis=2).astype(np.uint8), out, len(leaves)
 
 
+def training_context(training: dict[str, Any] | None) -> int:
+    """Side of the attention squares a model runs with by default: its training crop, the area it
+    learnt to attend over (256 px when its card does not say)."""
+    return int((training or {}).get("crop") or 256)
+
+
+def default_shifts(context: int | None) -> list[int]:
+    """Offsets of the attention squares by default: 0 and half a square, so every pixel is once
+    well inside a square; [0] when there are no squares."""
+    return [0, context // 2] if context else [0]
+
+
 def context_blocks(leaves: Leaves, context: int, shift: int = 0) -> list[np.ndarray]:
     """Indices of the leaves in each ``context``-px square of the image (a grid from the image's
     corner, moved left and up by ``shift`` px), in raster order of the squares; a leaf belongs to

@@ -62,7 +62,6 @@ def background_thread() -> bool:
     return True
 
 
-
 @functools.cache
 def _malloc_trim() -> Any:
     """glibc's ``malloc_trim``, or None (other C libraries, other systems)."""

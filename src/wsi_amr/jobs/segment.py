@@ -29,7 +29,7 @@ from ..inference import Block, SeamlessPolygons, blend_stream, class_map, window
 from ..outputs import write_png_atomic
 from ..quadtree import uniform_token_count
 from ..slide import Resolution, coarser_model, open_slide
-from ..training import make_leaves, patching_from_card, predict_leaves
+from ..training import default_shifts, make_leaves, patching_from_card, predict_leaves, training_context
 from . import background_thread, opencv_threads, trim_heap
 from .quadtree import sample_mask
 from .tissue import ASSUMED_MPP, load_or_detect, tissue_params
@@ -116,12 +116,12 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
     # learnt to attend over (one sequence per window drifts from it as windows grow).
     context = sp.get("context")
     if context is None:
-        context = int((card.training or {}).get("crop") or 256)
+        context = training_context(card.training)
     context = context or None  # 0: the whole window is one sequence
     # Square offsets whose probabilities are averaged: by default a second pass moved by half a
-    # square, so every pixel is once well inside a square (objects cut by a square's border lose).
+    # square (objects cut by a square's border lose).
     shifts = sp.get("shifts")
-    shifts = [int(v) for v in shifts] if shifts is not None else ([0, context // 2] if context else [0])
+    shifts = [int(v) for v in shifts] if shifts is not None else default_shifts(context)
     if context and max(shifts) >= context:
         raise ValueError(f"shifts {shifts} must be below the attention square's side ({context} px)")
     k = model.cfg.num_classes
