@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from wsi_amr.ips import IPSConfig, IPSModel, iter_chunks, select_then_forward
-    from wsi_amr.ips_data import glas_grades, image_patches
-    from wsi_amr.training import read_image
+    from wsi_amr.ips.bags import glas_grades, image_patches
+    from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, select_then_forward
+    from wsi_amr.segmentation.data import read_image
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, help="write everything here too")
     args = ap.parse_args(argv)
-    os.environ["PYTHONPATH"] = str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     recipes = {r.split(":", 1)[0]: r.split(":", 1)[1].split() for r in args.recipe} or RECIPES
     train = read_labels(args.features / "train.csv")
     test = read_labels(args.features / "testA.csv")

@@ -48,7 +48,7 @@ def segmenter_encoder(model_path: Path, patch: int, leaf: int, pool: str = "max"
     import torch.nn.functional as F
     from torch import nn
 
-    from wsi_amr.checkpoint import load_checkpoint
+    from wsi_amr.segmentation.model import load_checkpoint
 
     seg, card = load_checkpoint(model_path)
     seg.eval()
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="Options after -- go to wsi-amr train classify.")
     ap.add_argument("--glas", type=Path, default=REPO.parent / "shared" / "data" / "glas")
-    ap.add_argument("--model", type=Path, default=REPO / "src" / "wsi_amr" / "models" / "glas-gland.safetensors")
+    ap.add_argument("--model", type=Path, default=REPO / "wsi_amr" / "models" / "glas-gland.safetensors")
     ap.add_argument("--patch", type=int, default=256)
     ap.add_argument("--leaf", type=int, default=32)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "ips-glas-rein")
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from wsi_amr.ips_data import glas_grades, image_patches, write_feature_file
-    from wsi_amr.training import read_image
+    from wsi_amr.ips.bags import glas_grades, image_patches, write_feature_file
+    from wsi_amr.segmentation.data import read_image
 
     torch.set_num_threads(args.threads)
     feats = args.out / "features"

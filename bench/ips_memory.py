@@ -28,7 +28,8 @@ In one run:
    times them; on the feature files (no encoder), the selection throughput in patches per second.
 
 Rounds (``--repeat``) interleave every run; reported are the times of the run with the median wall
-time (of two, the slower) and the median peak RSS; every round's figures are in the JSON. Generated files go to ``--out`` (default ``bench/out/ips-memory``; about 420 MB at 100k).
+time (of two, the slower) and the median peak RSS; every round's figures are in the JSON.
+Generated files go to ``--out`` (default ``bench/out/ips-memory``; about 420 MB at 100k).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ CLASSES = ["negative", "positive"]
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 # A small parent per run: a child's ru_maxrss starts from the RSS of the process it was spawned
@@ -80,8 +81,8 @@ def make_models(out: Path, dim: int, memory: int, chunk: int, patch: int, mpp: f
     """Freshly initialised IPS checkpoints (nothing trained: only the shapes matter here)."""
     import torch
 
-    from wsi_amr.classification import ClassifierCard
-    from wsi_amr.ips import IPSConfig, IPSModel, save_ips
+    from wsi_amr.ips.model import IPSConfig, IPSModel, save_ips
+    from wsi_amr.ips.predict import ClassifierCard
 
     paths = {}
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def make_feature_files(out: Path, sizes: list[int], dim: int) -> dict[int, Path]
     """``f{N}.h5`` per size: random float32 features, coords on a square grid of 256-px patches."""
     import numpy as np
 
-    from wsi_amr.ips_data import write_feature_file
+    from wsi_amr.ips.bags import write_feature_file
 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -149,7 +150,7 @@ def plain_mil(model_path: str, features_path: str) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from wsi_amr.ips import load_ips
+    from wsi_amr.ips.model import load_ips
 
     torch.set_num_threads(1)
     model, _, _ = load_ips(model_path)
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(REPO))
     args.out.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     sizes = [int(s) for s in args.sizes.split(",") if s]

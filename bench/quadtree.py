@@ -37,20 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from wsi_amr.quadtree import (  # noqa: E402
-    QuadtreeParams,
-    build_quadtree,
-    params_edge_map,
-    morton_order,
-    uniform_token_count,
-)
+from wsi_amr.quadtree import QuadtreeParams, build_quadtree, params_edge_map, uniform_token_count
 from wsi_amr.slide import open_slide  # noqa: E402
 from wsi_amr.tissue import detect_tissue  # noqa: E402
 

@@ -163,19 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
 
-    os.environ["PYTHONPATH"] = str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
-    sys.path.insert(0, str(REPO / "src"))
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    sys.path.insert(0, str(REPO))
     # Bytecode for wsi-amr's own modules, as an installed package has: without it (a source
     # checkout run with PYTHONDONTWRITEBYTECODE set) every process, each pool and cluster worker
     # included, compiles them again at start.
-    compileall.compile_dir(REPO / "src" / "wsi_amr", quiet=1)
+    compileall.compile_dir(REPO / "wsi_amr", quiet=1)
     base = base_slides(args.make_size)
     sets = {"coords": linked_slides(base, args.slides), "images": base[:args.image_slides]}
     modes = list(MODES) if args.mode == "both" else [args.mode]
     import dask
     from distributed import LocalCluster
 
-    from wsi_amr.cluster import LOCAL_CONFIG
+    from wsi_amr.run.cluster import LOCAL_CONFIG
 
     work = Path(tempfile.mkdtemp(prefix="wsi-amr-bench-scale-", dir=args.out_root))
     keys = [(m, b) for b in BACKENDS for m in modes]  # the running cluster's runs last in a round

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
 import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def seam_check(geojson: Path, manifest: Path) -> dict:
     from shapely.geometry import LineString
 
     from wsi_amr.geojson import read_geojson
-    from wsi_amr.inference import window_starts
+    from wsi_amr.segmentation.windows import window_starts
 
     doc = json.loads(manifest.read_text())
     step = doc["steps"]["segment"]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
 GLAS = Path(os.environ.get("WSI_AMR_DATA", REPO.parent / "shared" / "data")) / "glas"
 MODES = ("adaptive", "uniform")
 
@@ -74,13 +74,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_models(args: argparse.Namespace) -> dict[str, Any]:
-    from wsi_amr.checkpoint import load_checkpoint
+    from wsi_amr.segmentation.model import load_checkpoint
 
     return {mode: load_checkpoint(args.out / mode / "best.safetensors") for mode in MODES}
 
 
 def test_a(models: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from wsi_amr.training import dice_counts, dice_scores, load_labelled_image, predict_image
+    from wsi_amr.metrics import dice_counts, dice_scores
+    from wsi_amr.segmentation.data import load_labelled_image
+    from wsi_amr.segmentation.predict import predict_image
 
     images = sorted((GLAS / "images").glob("testA_*.png"), key=lambda p: int(p.stem.split("_")[1]))
     if args.limit:
@@ -107,11 +109,10 @@ def test_a(models: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def windows(models: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    from wsi_amr.jobs.tissue import detect_slide_tissue
     from wsi_amr.quadtree import uniform_token_count
+    from wsi_amr.segmentation.predict import make_leaves, patching_from_card, predict_image
     from wsi_amr.slide import Resolution, open_slide
-    from wsi_amr.tissue import TissueParams
-    from wsi_amr.training import make_leaves, patching_from_card, predict_image
+    from wsi_amr.tissue import TissueParams, detect_slide_tissue
 
     rows = []
     with open_slide(args.slide) as slide:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tissue", action="store_true", help="segment whole windows, not only their tissue")
     args = ap.parse_args(argv)
 
-    from wsi_amr.checkpoint import load_checkpoint
-    from wsi_amr.jobs.quadtree import Window, load_label_mask, sample_mask
-    from wsi_amr.jobs.tissue import detect_slide_tissue
+    from wsi_amr.labels import load_label_mask
+    from wsi_amr.metrics import dice_counts, dice_scores
+    from wsi_amr.segmentation.model import load_checkpoint
+    from wsi_amr.segmentation.predict import predict_image
     from wsi_amr.slide import Resolution, open_slide
-    from wsi_amr.tissue import TissueParams
-    from wsi_amr.training import dice_counts, dice_scores, predict_image
+    from wsi_amr.tiling import Window, sample_mask
+    from wsi_amr.tissue import TissueParams, detect_slide_tissue
 
     model_path = args.model
     if model_path is None:

@@ -13,7 +13,7 @@ the tissue mask: the ``placed_*`` figures. GlaS images are 775 x 522 px, nearly 
 squares, so at the origin almost no quadtree root straddles an image edge; placed anywhere else
 a band along every edge does.
 
-    python bench/testa.py --model src/wsi_amr/models/glas-gland.safetensors
+    python bench/testa.py --model wsi_amr/models/glas-gland.safetensors
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from wsi_amr.checkpoint import load_checkpoint
-    from wsi_amr.training import (default_shifts, make_leaves, patching_from_card, predict_leaves, read_image,
-                                  read_mask, training_context)
+    from wsi_amr.segmentation.data import read_image, read_mask
+    from wsi_amr.segmentation.model import load_checkpoint
+    from wsi_amr.segmentation.predict import default_shifts, make_leaves, patching_from_card, predict_leaves, training_context
 
     torch.set_num_threads(args.threads)
     model, card = load_checkpoint(args.model)

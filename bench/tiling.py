@@ -61,7 +61,7 @@ def run_bare(slide: Path, coords_file: Path, size: int) -> tuple[float, int]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def default_slide(size: int) -> Path:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     slide = args.slide or default_slide(args.make_size)
-    sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(REPO))
     from wsi_amr.slide import open_slide
 
     with open_slide(slide) as s:

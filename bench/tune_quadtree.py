@@ -50,16 +50,9 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
 
-from wsi_amr.quadtree import (  # noqa: E402
-    Leaves,
-    QuadtreeParams,
-    build_quadtree,
-    edge_map,
-    uniform_leaves,
-    uniform_token_count,
-)
+from wsi_amr.quadtree import Leaves, QuadtreeParams, build_quadtree, edge_map, uniform_leaves, uniform_token_count
 from wsi_amr.tokens import dice, labels_round_trip  # noqa: E402
 
 GLAS = REPO.parent / "shared" / "data" / "glas"

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_amr.classification import EncoderError, TorchScriptEncoder, open_feature_bag, predict_bag
 from wsi_amr.evaluation import classification_scores, roc_auc
 from wsi_amr.geojson import validate_feature
-from wsi_amr.ips import IPSConfig, IPSModel, iter_chunks, score_all, select_top_m
-from wsi_amr.ips_data import FeatureBag, LabelledBag, write_feature_file
-from wsi_amr.ips_training import draw_bags, is_better, stratified_split
+from wsi_amr.ips.bags import FeatureBag, LabelledBag, write_feature_file
+from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, score_all, select_top_m
+from wsi_amr.ips.predict import EncoderError, TorchScriptEncoder, open_feature_bag, predict_bag
+from wsi_amr.ips.train import draw_bags, is_better, stratified_split
 from wsi_amr.jobs.classify import attention_features, draw_attention
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,8 +88,8 @@ def test_slide_wide_attention_does_not_fragment_memory_over_many_chunks():
     so the heap starts clean."""
     script = textwrap.dedent("""
         import re, numpy as np, torch
-        from wsi_amr.classification import predict_bag
-        from wsi_amr.ips import IPSConfig, IPSModel
+        from wsi_amr.ips.predict import predict_bag
+        from wsi_amr.ips.model import IPSConfig, IPSModel
         torch.set_num_threads(1)
         torch.manual_seed(0)
         model = IPSModel(IPSConfig(embed_dim=256, memory=512, chunk=512)).eval()

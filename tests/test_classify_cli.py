@@ -12,21 +12,21 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import PINK, SLIDES, invoke, real_slides, textured
 from test_classification import save_encoder
+
+from wsi_amr.errors import TrainingInterrupted
 from wsi_amr.geojson import validate_geojson
-from wsi_amr.ips import load_ips
-from wsi_amr.ips_data import write_feature_file
-from wsi_amr.ips_training import ClassifyTrainConfig, train_classifier
-from wsi_amr.training import TrainingInterrupted
+from wsi_amr.ips.bags import write_feature_file
+from wsi_amr.ips.model import load_ips
+from wsi_amr.ips.train import ClassifyTrainConfig, train_classifier
 
 SAMPLE = SLIDES / "aperio" / "CMU-1-Small-Region.svs"
 TINY = ["--embed-dim", "16", "--width", "16", "--heads", "2", "-M", "4", "-I", "16", "--batch-size", "2",
         "--device", "cpu", "--threads", "1", "--log-every", "1"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def error_lines(res) -> list[str]:
@@ -110,7 +110,7 @@ def check_slide_outputs(out_dir: Path, stats: dict) -> dict:
 
 
 def test_train_on_glas_images_then_classify_and_evaluate(glas_dir, tmp_path, runner):
-    from wsi_amr.ips_data import glas_grades
+    from wsi_amr.ips.bags import glas_grades
 
     grades = glas_grades(glas_dir / "grade.csv")
     train = [n for n in sorted(grades) if n.startswith("train_")]
@@ -408,7 +408,8 @@ def test_classify_usage_errors(slide_model, tmp_path, runner):
     res = invoke(runner, "classify", "-o", tmp_path / "out", "--model", slide_model)
     assert res.exit_code == 2 and "give slides" in error_lines(res)[0]
     from wsi_amr.checkpoint import save_checkpoint
-    from wsi_amr.segmentation import ModelCard, SegmenterConfig, TokenSegmenter
+    from wsi_amr.segmentation.config import SegmenterConfig
+    from wsi_amr.segmentation.model import ModelCard, TokenSegmenter
 
     save_checkpoint(tmp_path / "seg", TokenSegmenter(SegmenterConfig(width=32, depth=1, heads=4)), ModelCard())
     res = invoke(runner, "classify", SAMPLE, "-o", tmp_path / "out", "--model", tmp_path / "seg.safetensors")

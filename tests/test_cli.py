@@ -14,10 +14,12 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, invoke, textured, write_pyramid_tiff
+
 from wsi_amr.geojson import read_geojson, validate_geojson
 from wsi_amr.slide import Resolution, open_slide
+
+pytestmark = pytest.mark.slow  # runs the CLI or trains: not in `make test-fast`
 
 CLI = [sys.executable, "-m", "wsi_amr.cli"]
 
@@ -263,7 +265,7 @@ def test_killed_tile_run_resumes_without_redoing_or_partial_files(tmp_path):
     path = write_pyramid_tiff(tmp_path / "big.tiff", img)
     done_slide = write_pyramid_tiff(tmp_path / "done.tiff", textured(768, 768))
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     base = [*CLI, "tile", "--mpp", "0.5", "--size", "64", "--save-images", "--image-format", "png", "-o", str(out)]
     subprocess.run([*base, str(done_slide)], check=True, env=env, capture_output=True)
     done_manifest = (out / "done" / "manifest.json").read_text()
@@ -320,7 +322,7 @@ def test_bad_tissue_option_values_are_usage_errors(runner, rect_slide, tmp_path,
 
 
 def test_folder_search_skips_the_output_folder(tmp_path):
-    from wsi_amr.batch import resolve_inputs
+    from wsi_amr.run.inputs import resolve_inputs
 
     (tmp_path / "a.svs").write_bytes(b"x")
     (tmp_path / "out" / "a").mkdir(parents=True)
@@ -334,10 +336,10 @@ def test_folder_search_skips_the_output_folder(tmp_path):
 def test_the_command_line_and_the_slide_jobs_start_without_torch():
     # PyTorch takes seconds to import: only the commands that run a model may pay for it, not
     # `wsi-amr tile --help` nor every pool or cluster worker that tiles.
-    code = ("import sys, wsi_amr.cli, wsi_amr.batch, wsi_amr.jobs.tile, wsi_amr.jobs.quadtree, wsi_amr.jobs.tissue; "
+    code = ("import sys, wsi_amr.cli, wsi_amr.run.runner, wsi_amr.run.worker, wsi_amr.jobs.tile, wsi_amr.jobs.quadtree, wsi_amr.jobs.tissue; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "False"
 
 

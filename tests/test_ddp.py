@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import REPO, invoke
+from safetensors.torch import load_file
 from test_classify_cli import synthetic_features
 from test_training import synthetic_images
+
 from wsi_amr.ddp import Group
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 STEPS = 3
 # A global batch of 4: one process makes all 4 crops (bags), each of two processes makes 2.
@@ -42,7 +42,7 @@ def test_torchrun_two_processes_train_as_one_at_the_same_global_batch(runner, tm
         res = invoke(runner, *args, "-o", tmp_path / f"{name}-1")
         assert res.exit_code == 0, res.stderr
     # Both commands under torchrun at once (one torchrun each: a process joins one process group).
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                "-m", "wsi_amr.cli", *[str(a) for a in args], "-o", str(tmp_path / f"{name}-2")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

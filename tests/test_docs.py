@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SLIDES
+
+pytestmark = pytest.mark.slow  # runs the CLI or trains: not in `make test-fast`
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SAMPLE = "CMU-1-Small-Region.svs"

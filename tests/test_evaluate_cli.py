@@ -6,10 +6,13 @@ import json
 
 import cv2
 import numpy as np
+import pytest
+from conftest import invoke
 from shapely.geometry import box
 
-from conftest import invoke
 from wsi_amr.geojson import PathClass, make_feature, write_geojson
+
+pytestmark = pytest.mark.slow  # runs the CLI or trains: not in `make test-fast`
 
 
 def _mask(path, rows, cols, shape=(60, 80)):

@@ -7,8 +7,9 @@ import gzip
 import json
 import math
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import shapely
 
-from wsi_amr.inference import Block, SeamlessPolygons, blend_stream, ramp, window_starts
 from wsi_amr.polygons import labels_to_polygons
+from wsi_amr.segmentation.windows import SeamlessPolygons, blend_stream, ramp, window_starts
+from wsi_amr.tiling import Block
 
 
 def field(h: int, w: int, k: int = 3, seed: int = 0) -> np.ndarray:

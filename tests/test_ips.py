@@ -12,18 +12,7 @@ import pytest
 import torch
 
 from wsi_amr.checkpoint import CheckpointError
-from wsi_amr.ips import (
-    IPSConfig,
-    IPSModel,
-    SmallCNN,
-    iter_chunks,
-    load_ips,
-    pad_bags,
-    save_ips,
-    score_all,
-    select_then_forward,
-    select_top_m,
-)
+from wsi_amr.ips.model import IPSConfig, IPSModel, SmallCNN, iter_chunks, load_ips, pad_bags, save_ips, score_all, select_then_forward, select_top_m
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,7 +235,7 @@ def test_tiny_overfit_bright_patches():
             select_then_forward(model, iter_chunks(x, 8, generator=gen), patches_fn=lambda i, x=x: x[i])[0] for x in bags
         ])
 
-    for step in range(20):
+    for _ in range(20):
         loss = torch.nn.functional.cross_entropy(predict(True), y)
         opt.zero_grad()
         loss.backward()
@@ -312,7 +301,7 @@ def test_save_load_round_trip_and_bad_checkpoints(tmp_path):
 
 
 def test_segmentation_checkpoint_is_refused(tmp_path):
-    seg = REPO / "src" / "wsi_amr" / "models" / "glas-gland.json"
+    seg = REPO / "wsi_amr" / "models" / "glas-gland.json"
     if not seg.exists():
         pytest.skip("bundled segmentation model not present")
     with pytest.raises(CheckpointError, match="not a wsi-amr IPS checkpoint"):

@@ -6,11 +6,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
-from wsi_amr.ips_data import (
-    BagError, FeatureBag, glas_grades, image_patches, read_labels_csv, write_feature_file,
-)
+
+from wsi_amr.ips.bags import BagError, FeatureBag, glas_grades, image_patches, read_labels_csv, write_feature_file
 
 GLAS_GRADES = REPO.parent / "shared" / "data" / "glas" / "grade.csv"
 

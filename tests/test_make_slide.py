@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import tifffile
 
+pytestmark = pytest.mark.slow  # runs the CLI or trains: not in `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("WSI_AMR_DATA") or REPO.parent / "shared" / "data")
 GLAS = DATA / "glas"

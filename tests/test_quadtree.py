@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
-from wsi_amr.quadtree import (
-    Leaves, QuadtreeError, QuadtreeParams, build_quadtree, edge_map, morton_order, uniform_leaves,
-    uniform_token_count,
-)
-from wsi_amr.tokens import dice, detokenise, labels_round_trip, pad_tokens, token_geometry, tokenise
+from wsi_amr.quadtree import Leaves, QuadtreeError, QuadtreeParams, build_quadtree, edge_map, morton_order, uniform_leaves, uniform_token_count
+from wsi_amr.tokens import detokenise, dice, labels_round_trip, pad_tokens, token_geometry, tokenise
 
 
 def coverage(leaves: Leaves, shape) -> np.ndarray:
@@ -33,7 +28,7 @@ def test_blank_image_gives_max_size_leaves_over_tissue_only():
     assert (leaves.size == 64).all() and (leaves.depth == 0).all()
     assert sorted(set(leaves.x.tolist())) == [0, 64, 128, 192]
     assert len(leaves) == 4 * 4  # 4 columns touching tissue x 4 rows
-    assert not ((leaves.x >= 256)).any()
+    assert not (leaves.x >= 256).any()
 
 
 def test_straight_edge_refines_only_along_the_edge():
@@ -329,5 +324,5 @@ def test_cell_counts_are_exact(cell, bit_count, monkeypatch):
             for i0, i1, j0, j1 in rng.integers(0, [rows // cell] * 2 + [cols // cell] * 2, (50, 4)):
                 i0, i1 = sorted((i0, i1 + 1))
                 j0, j1 = sorted((j0, j1 + 1))
-                box = lambda t: t[i1, j1] - t[i0, j1] - t[i1, j0] + t[i0, j0]  # noqa: E731
+                box = lambda t: t[i1, j1] - t[i0, j1] - t[i1, j0] + t[i0, j0]  # noqa: E731, B023 (called at once)
                 assert (box(has) > 0) == (box(want) > 0)

@@ -10,13 +10,14 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-
 from conftest import invoke, real_slides, textured, write_pyramid_tiff
-from wsi_amr.jobs.quadtree import Window, sample_mask
-from wsi_amr.jobs.tissue import detect_slide_tissue
+
 from wsi_amr.quadtree import QuadtreeParams, build_quadtree, params_edge_map, uniform_token_count
 from wsi_amr.slide import Resolution, Slide, open_slide
-from wsi_amr.tissue import TissueParams
+from wsi_amr.tiling import Window, sample_mask
+from wsi_amr.tissue import TissueParams, detect_slide_tissue
+
+pytestmark = pytest.mark.slow  # runs the CLI or trains: not in `make test-fast`
 
 # Explicit tree settings, so these tests do not move when the defaults are tuned.
 EDGES = ["--min-size", "8", "--max-size", "128", "--blur", "3", "--canny-low", "100", "--canny-high", "200"]

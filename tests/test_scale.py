@@ -14,9 +14,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import SLIDES, invoke, textured, write_pyramid_tiff
-from wsi_amr.batch import LOCK, LOCK_STALE_S, in_shard, parse_shard, process_identity, shard_from_env, slide_lock
+
+from wsi_amr.locks import LOCK, LOCK_STALE_S, process_identity, slide_lock
+from wsi_amr.run.runner import in_shard, parse_shard, shard_from_env
+
+pytestmark = pytest.mark.slow  # runs the CLI or trains: not in `make test-fast`
 
 # Real slides of four formats that tile and quadtree finish (done or empty) quickly, and a corrupt one.
 REAL = ["aperio/CMU-1-Small-Region.svs", "ome-tiff/OS-2-ndpi.ome.tif", "ome-tiff/OS-2-vsi.ome.tif",
@@ -114,7 +117,7 @@ def _worker_settings() -> tuple:
 
 def test_local_clusters_run_workers_without_the_profiler_or_malloc_trimming(monkeypatch):
     pytest.importorskip("distributed")
-    from wsi_amr.cluster import connect
+    from wsi_amr.run.cluster import connect
 
     # A nanny sets its variables in its own process too: an earlier test's cluster leaves it here.
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
@@ -125,9 +128,9 @@ def test_local_clusters_run_workers_without_the_profiler_or_malloc_trimming(monk
 
 def test_unreachable_scheduler_and_missing_dask_are_one_line(runner, tmp_path, monkeypatch):
     pytest.importorskip("distributed")
-    import wsi_amr.cluster
+    import wsi_amr.run.cluster
 
-    monkeypatch.setattr(wsi_amr.cluster, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(wsi_amr.run.cluster, "CONNECT_TIMEOUT_S", 1.0)
     (slide,) = small_slides(tmp_path / "slides", 1)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -200,7 +203,7 @@ def test_shard_split_and_slurm_environment():
     assert shard_from_env({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "5"}) == (4, 5)
     assert shard_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1",
                            "SLURM_ARRAY_TASK_STEP": "2"}) == (2, 3)  # --array=1-5:2
-    from wsi_amr.batch import InputError
+    from wsi_amr.run.task import InputError
 
     with pytest.raises(InputError, match="--shard"):  # --array=1,5,7 is not a range
         shard_from_env({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"})

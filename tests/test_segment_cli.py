@@ -11,14 +11,17 @@ import pytest
 import shapely
 import tifffile
 import torch
+from conftest import invoke, real_slides
 from shapely.geometry import shape
 
-from conftest import invoke, real_slides
 from wsi_amr.checkpoint import save_checkpoint
 from wsi_amr.evaluation import rasterise_geojson
 from wsi_amr.geojson import validate_geojson
 from wsi_amr.labeltiff import read_label_tiff
-from wsi_amr.segmentation import ModelCard, SegmenterConfig, TokenSegmenter
+from wsi_amr.segmentation.config import SegmenterConfig
+from wsi_amr.segmentation.model import ModelCard, TokenSegmenter
+
+pytestmark = pytest.mark.slow  # runs the CLI or trains: not in `make test-fast`
 
 SMALL = SegmenterConfig(token_size=8, width=32, depth=1, heads=4)
 

@@ -22,10 +22,10 @@ import shapely
 from shapely.geometry import LineString, shape
 
 from wsi_amr.geojson import GeoJSONError, read_geojson, validate_geojson
-from wsi_amr.inference import touching_groups
-from wsi_amr.inference import Block, SeamlessPolygons, blend_stream, class_map
 from wsi_amr.jobs.segment import finish_objects, write_objects
 from wsi_amr.polygons import rasterize_polygons
+from wsi_amr.segmentation.windows import SeamlessPolygons, blend_stream, class_map, touching_groups
+from wsi_amr.tiling import Block
 
 WINDOW, OVERLAP = 64, 16
 STRIDE = WINDOW - OVERLAP  # final blocks start every 48 px
@@ -493,7 +493,7 @@ def test_objects_across_many_windows_are_one_polygon_with_the_true_mean(tmp_path
     n, comp = components4(labels == 1)
     assert n == len(shapes)
     truth = {cid: float(probs[..., 1][comp == cid].astype(np.float64).mean()) for cid in range(1, n + 1)}
-    for (poly, mean), cid in zip(items, ids):
+    for (_, mean), cid in zip(items, ids):
         assert mean == pytest.approx(truth[cid], abs=1e-5)
     # The written measurement: the same mean, rounded to 4 decimals.
     objs = read_back(chain)

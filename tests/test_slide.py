@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import textured, write_pyramid_tiff
+
 from wsi_amr.slide import MissingMppError, Resolution, SlideError, open_slide, slide_stem
 
 # (relative path, backend, width, height, levels, mpp_x or None) — from ../shared/data/README.md

@@ -103,7 +103,7 @@ def test_read_order_is_a_blocked_permutation():
 
 
 def _blur_with_one_opencv_thread(img) -> None:
-    from wsi_amr.jobs import opencv_threads
+    from wsi_amr.run.resources import opencv_threads
 
     with opencv_threads(1):
         cv2.GaussianBlur(img, (15, 15), 3)
@@ -134,7 +134,7 @@ def test_a_background_thread_runs_below_the_rest_of_the_process():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsi_amr.jobs import BACKGROUND_NICE, background_thread
+    from wsi_amr.run.resources import BACKGROUND_NICE, background_thread
 
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -152,7 +152,7 @@ def test_trim_heap_gives_freed_blocks_back():
     # memory grow with the slide's size.
     import numpy as np
 
-    from wsi_amr.jobs import trim_heap
+    from wsi_amr.run.resources import trim_heap
 
     def rss_mib() -> float:
         with open("/proc/self/statm") as fh:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import textured
+
 from wsi_amr.tissue import TissueParams, detect_tissue, is_fluorescence, remove_small_objects
 
 MPP = 8.0  # µm/px of the detection image, the default

@@ -11,19 +11,24 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import textured, write_pyramid_tiff
 from shapely.geometry import Polygon, box
 from typer.testing import CliRunner
 
-from conftest import textured, write_pyramid_tiff
-from wsi_amr.checkpoint import load_checkpoint
-from wsi_amr.cli_train import parse_colors, train_app
+from wsi_amr.cli.train import parse_colors, train_app
+from wsi_amr.errors import TrainingInterrupted
 from wsi_amr.geojson import PathClass, make_feature, write_geojson
+from wsi_amr.metrics import dice_counts, dice_scores
 from wsi_amr.quadtree import QuadtreeParams
-from wsi_amr.segmentation import ModelCard, SegmenterConfig, TokenSegmenter
-from wsi_amr.training import (
-    IGNORE, TrainConfig, TrainingInterrupted, augment, colour_jitter, composite, dice_counts, dice_scores, label_fractions,
-    make_leaves, mask_to_labels, predict_image, segmentation_loss, split_names, train_segmenter,
-)
+from wsi_amr.segmentation.augment import augment, colour_jitter, composite, label_fractions
+from wsi_amr.segmentation.config import IGNORE, SegmenterConfig, TrainConfig
+from wsi_amr.segmentation.data import mask_to_labels
+from wsi_amr.segmentation.model import ModelCard, TokenSegmenter, load_checkpoint
+from wsi_amr.segmentation.predict import make_leaves, predict_image
+from wsi_amr.segmentation.train import segmentation_loss, train_segmenter
+from wsi_amr.trainer import split_names
+
+pytestmark = pytest.mark.slow  # runs the CLI or trains: not in `make test-fast`
 
 TINY = ["--width", "32", "--depth", "1", "--heads", "4", "--crop", "128", "--batch-size", "2",
         "--device", "cpu", "--log-every", "1", "--threads", "1"]
@@ -153,7 +158,7 @@ def test_cli_resume_continues_from_last_step_and_reports_interrupts(tmp_path, mo
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
     assert load_checkpoint(out / "last")[1].training["steps"] == 5
     # Ctrl-C: OUT/last is saved, exit 130 with a line saying how to continue.
-    import wsi_amr.training as training
+    import wsi_amr.segmentation.train as training
 
     real = training.make_batch
     calls = {"n": 0}
@@ -227,7 +232,7 @@ def test_cli_trains_from_a_slide_and_qupath_geojson(tmp_path):
 
 
 def test_slide_crops_are_labelled_from_the_annotations(tmp_path):
-    from wsi_amr.training import SlideAnnotations
+    from wsi_amr.segmentation.data import SlideAnnotations
 
     slide, geojson = gland_slide(tmp_path)
     src = SlideAnnotations(slide, geojson, ["Background", "Gland"], 1.0, None, "background")
@@ -276,7 +281,7 @@ def test_predict_image_covers_the_image_and_chunks_long_sequences():
     _, chunked = predict_image(model, card, img, max_sequence=50)
     np.testing.assert_allclose(chunked.sum(axis=2), 1.0, atol=1e-5)
     # A 1000 x 1000 image at 8-px leaves is one sequence (15,625 tokens < MAX_SEQUENCE).
-    from wsi_amr.training import MAX_SEQUENCE
+    from wsi_amr.segmentation.config import MAX_SEQUENCE
 
     assert len(make_leaves(np.zeros((1000, 1000, 3), np.uint8), QuadtreeParams(min_size=8), "uniform")) <= MAX_SEQUENCE
 
@@ -290,7 +295,7 @@ def test_leaves_over_tissue_equal_a_tree_over_the_whole_edge_map(width):
     rng = np.random.default_rng(width)
     img = cv2.GaussianBlur(rng.integers(0, 255, (500, width, 3)).astype(np.uint8), (0, 0), 2)
     params = QuadtreeParams(min_size=8, max_size=64, split_threshold=20, edge_downsample=2)
-    for box in ((130, 75, 260, 341), (0, 0, 500, width), (499, width - 1, 500, width), (7, 9, 8, 10)):
+    for box in ((130, 75, 260, 341), (0, 0, 500, width), (499, width - 1, 500, width), (7, 9, 8, 10)):  # noqa: F402
         tissue = np.zeros((500, width), bool)
         tissue[box[0]:box[2], box[1]:box[3]] = True
         got = make_leaves(img, params, "adaptive", tissue)
@@ -461,7 +466,7 @@ def test_geojson_with_invalid_geometry_is_repaired_or_skipped_with_a_warning(tmp
 
 def test_shifted_context_grids_are_averaged():
     from wsi_amr.quadtree import uniform_leaves
-    from wsi_amr.training import context_blocks, predict_leaves
+    from wsi_amr.segmentation.predict import context_blocks, predict_leaves
 
     torch.manual_seed(0)
     model = TokenSegmenter(SegmenterConfig(token_size=8, width=32, depth=1, heads=4)).eval()
@@ -481,8 +486,8 @@ def test_shifted_context_grids_are_averaged():
 
 
 def test_context_squares_partition_the_leaves_and_run_as_separate_sequences():
-    from wsi_amr.training import context_blocks, predict_leaves
     from wsi_amr.quadtree import uniform_leaves
+    from wsi_amr.segmentation.predict import context_blocks, predict_leaves
 
     torch.manual_seed(0)
     model = TokenSegmenter(SegmenterConfig(token_size=8, width=32, depth=1, heads=4)).eval()

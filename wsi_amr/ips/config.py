@@ -1,0 +1,56 @@
+"""IPS settings: the model architecture and selection sizes saved beside the weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["ENCODERS", "IPSConfig"]
+
+
+#: ``"none"``: the model takes pre-extracted embeddings (CLAM/TRIDENT ``features``);
+#: ``"small-cnn"``: a :class:`SmallCNN` trained from scratch with the rest of the model.
+ENCODERS = ("none", "small-cnn")
+
+
+@dataclass(frozen=True)
+class IPSConfig:
+    """Architecture and selection sizes of :class:`IPSModel`; saved beside the weights.
+
+    ``memory`` (M) and ``chunk`` (I) are not weights but belong to how the model was trained: the
+    paper used M = I = 5000 on CAMELYON16 with frozen features; the defaults here suit a CPU or a
+    from-scratch encoder, which must re-encode all M selected patches with gradients every step.
+    """
+
+    embed_dim: int = 512
+    width: int = 128
+    heads: int = 8
+    num_classes: int = 2
+    memory: int = 512
+    chunk: int = 512
+    queries: int = 1
+    dropout: float = 0.0
+    encoder: str = "none"
+    cnn_channels: int = 32
+
+    def validate(self) -> None:
+        """Raise ValueError with one line naming the first bad value."""
+        for name in ("embed_dim", "width", "heads", "num_classes", "queries", "cnn_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.memory, int) or isinstance(self.memory, bool) or self.memory < 1:
+            raise ValueError(f"memory (M, patches kept) must be at least 1, got {self.memory!r}")
+        if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
+            raise ValueError(f"chunk (I, patches scored per step) must be at least 1, got {self.chunk!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from wsi_amr.errors import TrainingInputError
+from wsi_amr.quadtree import QuadtreeError, QuadtreeParams, is_power_of_two
+
+#: Label value of pixels that carry no label (padding, unannotated slide area with
+#: ``unannotated="ignore"``); they add nothing to the loss or the Dice.
+IGNORE = 255
+#: Crop geometry is shifted by a random offset below this many working px, so the model learns
+#: positions over a whole inference window (DESIGN 4.4: 4096^2 windows), not only 0..crop.
+POSITION_RANGE = 4096
+#: Longest token sequence :func:`predict_image` runs at once; a 1000 x 1000 image at 8 px leaves
+#: (15,625 tokens) is one sequence.
+MAX_SEQUENCE = 16384
+#: Validation regions read from slides are at most this many working px a side.
+MAX_VALIDATION_SIDE = 4096
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: A mask is found by the image's stem plus one of these (``train_1.png`` -> ``train_1_anno.bmp``).
+MASK_SUFFIXES = ("", "_mask", "-mask", "_masks", "_anno", "_label", "_labels", "_gt")
+PATCHING_MODES = ("adaptive", "uniform")
+UNANNOTATED_MODES = ("background", "ignore")
+#: Class colours used when none are given (RGB); background first.
+DEFAULT_COLORS = [[0, 0, 0], [0, 160, 0], [200, 0, 0], [0, 90, 220], [230, 160, 0], [150, 0, 200],
+                  [0, 190, 190], [240, 100, 170], [120, 80, 40], [128, 128, 128]]
+
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Architecture of :class:`TokenSegmenter`; saved beside the weights, enough to rebuild it."""
+
+    token_size: int = 8
+    channels: int = 3
+    num_classes: int = 2
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    position_frequencies: int = 12  # wavelengths 4 px .. 4 * 2**11 px
+    size_frequencies: int = 4
+
+    def validate(self) -> None:  # noqa: C901 - one check per option, in the order --help lists them
+        if self.token_size < 1 or self.token_size & (self.token_size - 1):
+            raise ValueError(f"token_size must be a power of two, got {self.token_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.num_classes < 2:
+            raise ValueError("num_classes must be at least 2 (background and one class)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Sizes in working px; ``steps`` is the training budget."""
+
+    out: Path
+    images: list[str] = field(default_factory=list)  # files, folders or globs
+    masks: str | None = None  # folder of label masks; default: a "masks" folder beside the images
+    val_images: list[str] = field(default_factory=list)  # files/folders/globs, or name patterns
+    slides: list[str] = field(default_factory=list)
+    annotations: list[str] = field(default_factory=list)  # one GeoJSON per slide, same order
+    pairs: str | None = None  # CSV with columns slide,annotations
+    classes: list[str] = field(default_factory=lambda: ["Background", "Gland"])
+    colors: list[list[int]] | None = None
+    unannotated: str = "background"  # slide pixels outside every annotation: class 0, or ignored
+    mpp: float | None = None  # working µm/px: images are taken to be at it (default 0.62)
+    slide_mpp: float | None = None  # level-0 µm/px for slides that record none
+    patching: str = "adaptive"
+    token_size: int = 8
+    quadtree: QuadtreeParams = field(default_factory=QuadtreeParams)
+    crop: int = 256
+    batch_size: int = 8
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int | None = None  # default: 5% of steps
+    dice_weight: float = 0.5
+    jitter: float = 0.1
+    glass: float = 0.25  # fraction of crops given a margin of empty glass (class 0)
+    mosaic: float = 0.1  # fraction of crops joined to a crop of another image along a seam
+    val_fraction: float = 0.15
+    val_every: int = 100
+    log_every: int = 10
+    width: int = SegmenterConfig.width
+    depth: int = SegmenterConfig.depth
+    heads: int = SegmenterConfig.heads
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    command_line: str = ""
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else max(1, self.steps // 20)
+
+    def model_config(self) -> SegmenterConfig:
+        return SegmenterConfig(token_size=self.token_size, num_classes=self.num_classes,
+                               width=self.width, depth=self.depth, heads=self.heads)
+
+    def crop_quadtree(self) -> QuadtreeParams:
+        """The quadtree parameters used for training and recorded in the model card: leaves no
+        larger than the crop (a root larger than the crop would be mostly padding and never split)."""
+        fit = 1 << (max(1, self.crop).bit_length() - 1)
+        if self.quadtree.max_size <= fit:
+            return self.quadtree
+        return replace(self.quadtree, max_size=max(fit, self.quadtree.min_size))
+
+    def validate(self) -> None:  # noqa: C901 - one check per option, in the order --help lists them
+        """Raise :class:`TrainingInputError` with one line for the first bad option."""
+        def bad(message: str) -> TrainingInputError:
+            return TrainingInputError(message)
+
+        if not self.images and not self.slides and not self.pairs:
+            raise bad("no training data: give --images (with --masks) or --slides with --annotations (or --pairs)")
+        if len(self.slides) != len(self.annotations):
+            raise bad(f"--slides and --annotations pair up in order: got {len(self.slides)} slides "
+                      f"and {len(self.annotations)} annotation files")
+        if len(self.classes) < 2:
+            raise bad("--classes needs at least two names (background first), e.g. Background,Gland")
+        if len(set(self.classes)) != len(self.classes) or any(not c for c in self.classes):
+            raise bad(f"--classes must be distinct non-empty names, got {','.join(self.classes)}")
+        if len(self.classes) > IGNORE:
+            raise bad(f"--classes: at most {IGNORE} classes")
+        if self.colors is not None and len(self.colors) != len(self.classes):
+            raise bad(f"--colors gives {len(self.colors)} colours for {len(self.classes)} classes")
+        if self.unannotated not in UNANNOTATED_MODES:
+            raise bad(f"--unannotated must be background or ignore, not {self.unannotated!r}")
+        if self.patching not in PATCHING_MODES:
+            raise bad(f"--patching must be adaptive or uniform, not {self.patching!r}")
+        if not is_power_of_two(self.token_size):
+            raise bad(f"--token-size must be a power of two, got {self.token_size}")
+        try:
+            self.quadtree.validate()
+        except QuadtreeError as exc:
+            raise bad(str(exc)) from None
+        if self.token_size > self.quadtree.max_size:
+            raise bad(f"--token-size ({self.token_size}) is larger than --max-size ({self.quadtree.max_size})")
+        if self.crop < self.quadtree.min_size or self.crop < self.token_size:
+            raise bad(f"--crop ({self.crop}) is smaller than --min-size ({self.quadtree.min_size})")
+        for name, value in (("--mpp", self.mpp), ("--slide-mpp", self.slide_mpp)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise bad(f"{name} must be a positive number of µm/px, got {value}")
+        for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
+                            ("--val-every", self.val_every), ("--log-every", self.log_every),
+                            ("--width", self.width), ("--depth", self.depth), ("--heads", self.heads)):
+            if value < 1:
+                raise bad(f"{name} must be at least 1, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad(f"--lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or self.dice_weight < 0 or self.jitter < 0:
+            raise bad("--weight-decay, --dice-weight and --jitter must not be negative")
+        if self.jitter > 1:
+            raise bad(f"--jitter is a fraction (0-1), got {self.jitter}")
+        for name, value in (("--glass", self.glass), ("--mosaic", self.mosaic)):
+            if not 0 <= value <= 1:
+                raise bad(f"{name} is a fraction of crops (0-1), got {value}")
+        if self.glass + self.mosaic > 1:
+            raise bad(f"--glass + --mosaic is a fraction of crops and must not exceed 1, got {self.glass + self.mosaic}")
+        if self.warmup is not None and not 0 <= self.warmup < self.steps:
+            raise bad(f"--warmup must be between 0 and --steps - 1, got {self.warmup}")
+        if not 0 <= self.val_fraction < 1:
+            raise bad(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
+        if self.width % self.heads:
+            raise bad(f"--width ({self.width}) must be divisible by --heads ({self.heads})")
+        if self.threads is not None and self.threads < 1:
+            raise bad(f"--threads must be at least 1, got {self.threads}")
+        if self.resume and self.overwrite:
+            raise bad("--resume and --overwrite contradict each other; give one")
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["out"] = str(self.out)
+        doc["quadtree"] = self.quadtree.as_dict()
+        return doc
