@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import torch
+    from glas import glas_grades  # bench/glas.py
 
-    from wsi_amr.ips.bags import glas_grades, image_patches
+    from wsi_amr.ips.bags import image_patches
     from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, select_then_forward
     from wsi_amr.segmentation.data import read_image
 

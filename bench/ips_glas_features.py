@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("train_args", nargs="*")
     args = ap.parse_args(argv)
     import torch
+    from glas import glas_grades  # bench/glas.py
 
-    from wsi_amr.ips.bags import glas_grades, image_patches, write_feature_file
+    from wsi_amr.ips.bags import image_patches, write_feature_file
     from wsi_amr.segmentation.data import read_image
 
     torch.set_num_threads(args.threads)

@@ -11,6 +11,16 @@ import tifffile
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str):
+    """A module of ``bench/`` (benchmark helpers are not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 DATA = Path(os.environ.get("WSI_AMR_DATA", REPO.parent / "shared" / "data"))
 SLIDES = DATA / "slides"
 GLAS = DATA / "glas"

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import PINK, SLIDES, invoke, real_slides, textured
+from conftest import PINK, SLIDES, bench_module, invoke, real_slides, textured
 from test_classification import save_encoder
 
 from wsi_amr.errors import TrainingInterrupted
@@ -110,9 +110,7 @@ def check_slide_outputs(out_dir: Path, stats: dict) -> dict:
 
 
 def test_train_on_glas_images_then_classify_and_evaluate(glas_dir, tmp_path, runner):
-    from wsi_amr.ips.bags import glas_grades
-
-    grades = glas_grades(glas_dir / "grade.csv")
+    grades = bench_module("glas").glas_grades(glas_dir / "grade.csv")
     train = [n for n in sorted(grades) if n.startswith("train_")]
     picked = [n for n in train if grades[n] == "benign"][:3] + [n for n in train if grades[n] == "malignant"][:3]
     labels = write_labels(tmp_path / "train.csv", [(glas_dir / "images" / f"{n}.png", grades[n]) for n in picked])

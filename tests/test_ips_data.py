@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, bench_module
 
-from wsi_amr.ips.bags import BagError, FeatureBag, glas_grades, image_patches, read_labels_csv, write_feature_file
+from wsi_amr.ips.bags import BagError, FeatureBag, image_patches, read_labels_csv, write_feature_file
 
 GLAS_GRADES = REPO.parent / "shared" / "data" / "glas" / "grade.csv"
 
@@ -106,7 +106,7 @@ def test_labels_csv_and_its_errors(tmp_path):
 def test_glas_grades():
     if not GLAS_GRADES.exists():
         pytest.skip(f"GlaS data missing: {GLAS_GRADES}")
-    grades = glas_grades(GLAS_GRADES)
+    grades = bench_module("glas").glas_grades(GLAS_GRADES)
     assert len(grades) == 145 and set(grades.values()) == {"benign", "malignant"}  # train_* and testA_*
     assert grades["testA_1"] == "benign" and grades["testA_12"] == "malignant"
 
@@ -114,4 +114,4 @@ def test_glas_grades():
 def test_grades_file_must_look_like_glas(tmp_path):
     (tmp_path / "g.csv").write_text("a,b\n1,2\n")
     with pytest.raises(BagError, match="not GlaS"):
-        glas_grades(tmp_path / "g.csv")
+        bench_module("glas").glas_grades(tmp_path / "g.csv")

@@ -91,7 +91,7 @@ def test_region_read_at_downsample_uses_pyramid_and_resizes(tmp_path: Path):
         direct = slide.read_level(1, 0, 0, 768, 512)
         np.testing.assert_array_equal(slide.read_region(0, 0, 768, 512, 2.0), direct)
         # In between levels: read the finer one and resize; close to an area-resized level 0.
-        got = slide.read_region_mpp(0, 0, 512, 341, Resolution(mpp=0.75))
+        got = slide.read_region(0, 0, 512, 341, slide.downsample_for(Resolution(mpp=0.75)))
         assert got.shape == (341, 512, 3)
         import cv2
 

@@ -99,13 +99,6 @@ class Leaves:
         """(N, 3) int64 of (x, y, size)."""
         return np.stack([self.x, self.y, self.size], axis=1)
 
-    def to_level0(self, downsample: float, origin: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-        """(N, 3) float64 (x, y, size) in level-0 px, for a working image at ``downsample`` whose
-        top-left sits at level-0 ``origin``."""
-        return np.stack(
-            [self.x * downsample + origin[0], self.y * downsample + origin[1], self.size * downsample], axis=1
-        )
-
     @staticmethod
     def empty() -> Leaves:
         z = np.zeros(0, np.int64)

@@ -220,12 +220,6 @@ class Slide(ABC):
         interp = cv2.INTER_AREA if scale >= 1 else cv2.INTER_LINEAR
         return cv2.resize(region, (width, height), interpolation=interp)
 
-    def read_region_mpp(
-        self, x: float, y: float, width: int, height: int, resolution: Resolution
-    ) -> np.ndarray:
-        """RGB uint8 of ``width`` x ``height`` pixels at ``resolution``, top-left at level-0 (x, y)."""
-        return self.read_region(x, y, width, height, self.downsample_for(resolution))
-
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
         """Whole-slide RGB image whose longer side is at most ``max_size``; and its downsample."""
         w, h = self.dimensions

@@ -13,8 +13,7 @@ encoder) with the position of each. Sources:
   whole image, the last row and column flush with its edges (:func:`image_patches`, or
   :class:`ImagePatches` to cut them a chunk at a time).
 - **Labels**: a CSV with ``slide,label`` rows (slide paths or feature files, relative to the CSV,
-  or slide names looked up as ``<stem>.h5`` in a features folder), and the GlaS ``grade.csv``
-  (benign / malignant per image).
+  or slide names looked up as ``<stem>.h5`` in a features folder).
 
 Every problem a user can cause is one :class:`BagError` line naming the file.
 """
@@ -272,23 +271,3 @@ def read_labels_csv(
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise BagError(f"{path}: {len(missing)} listed files do not exist: {', '.join(missing[:3])}{more}")
     return bags, names
-
-
-def glas_grades(path: str | Path) -> dict[str, str]:
-    """``{image name: 'benign' | 'malignant'}`` from GlaS's ``grade.csv``
-    (columns: name, patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015))."""
-    path = Path(path)
-    try:
-        rows = list(csv.reader(path.read_text().splitlines()))
-    except OSError as exc:
-        raise BagError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not rows or len(rows[0]) < 3 or "grade" not in rows[0][2].lower():
-        raise BagError(f"{path}: not GlaS's grade.csv (name, patient ID, grade (GlaS), ...)")
-    out = {}
-    for row in rows[1:]:
-        if len(row) >= 3 and row[0].strip():
-            grade = row[2].strip().lower()
-            if grade not in ("benign", "malignant"):
-                raise BagError(f"{path}: {row[0]}: grade {row[2].strip()!r} is neither benign nor malignant")
-            out[row[0].strip()] = grade
-    return out
