@@ -35,7 +35,7 @@ class Cells:
         t = np.zeros((rows, cols), bool)
         t[:h, :w] = True if tissue is None else tissue
         return Cells(e.reshape(r, m // f, c, m // f).sum(axis=(1, 3), dtype=np.int32),
-                     t.reshape(r, m, c, m).any(axis=(1, 3)))
+                     np.asarray(t.reshape(r, m, c, m).any(axis=(1, 3))))
 
 
 def _integral_of_cells(a: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 import shapely
@@ -175,17 +175,18 @@ def clean_geometry(
         return None
     if isinstance(geom, Mapping):
         try:
-            geom = shape(geom)
+            geom = cast(BaseGeometry, shape(geom))
         except _UNPARSABLE:
             return None
-    if geom.is_empty:
+    g: BaseGeometry = geom
+    if g.is_empty:
         return None
-    if _is_polygonal(geom) and geom.is_valid:
-        if grid and _on_grid(geom, grid):
-            return geom  # type: ignore[return-value]  # snapping would change nothing
-        fixed: Polygon | MultiPolygon | None = geom  # type: ignore[assignment]
+    if _is_polygonal(g) and g.is_valid:
+        if grid and _on_grid(g, grid):
+            return cast(Polygon | MultiPolygon, g)  # snapping would change nothing
+        fixed: Polygon | MultiPolygon | None = cast(Polygon | MultiPolygon, g)
     else:
-        fixed = _repair(geom)
+        fixed = _repair(g)
     if fixed is None or fixed.is_empty:
         return None
     if not grid:
@@ -197,8 +198,8 @@ def clean_geometry(
         snapped = _snap(repaired, grid) if repaired is not None else None
     if snapped is None:
         return None
-    if fixed is geom and _same_geometry(snapped, geom):
-        return geom  # type: ignore[return-value]
+    if fixed is g and _same_geometry(snapped, g):
+        return cast(Polygon | MultiPolygon, g)
     return snapped
 
 
@@ -248,7 +249,7 @@ def make_feature(
     object_type: str = "annotation",
     classification: PathClass | None = None,
     name: str | None = None,
-    measurements: Mapping[str, float] | None = None,
+    measurements: Mapping[str, float | None] | None = None,
     feature_id: str | None = None,
 ) -> dict[str, Any] | None:
     """Build one GeoJSON Feature the way QuPath reads it.
@@ -283,7 +284,7 @@ def make_box_feature(
     object_type: str = "annotation",
     classification: PathClass | None = None,
     name: str | None = None,
-    measurements: Mapping[str, float] | None = None,
+    measurements: Mapping[str, float | None] | None = None,
     feature_id: str | None = None,
 ) -> dict[str, Any] | None:
     """The Feature :func:`make_feature` makes of ``shapely.geometry.box(x0, y0, x1, y1)``, built
@@ -304,7 +305,7 @@ def make_box_feature(
 
 
 def _properties(object_type: str, classification: PathClass | None, name: str | None,
-                measurements: Mapping[str, float] | None, feature_id: str | None) -> dict[str, Any]:
+                measurements: Mapping[str, float | None] | None, feature_id: str | None) -> dict[str, Any]:
     """A Feature's checked ``properties`` (the arguments of :func:`make_feature`)."""
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {sorted(OBJECT_TYPES)}, got {object_type!r}")
@@ -466,7 +467,7 @@ def _classification_problems(value: Any) -> list[str]:
     problems = []
     names = value.get("names")
     has_names = isinstance(names, list) and bool(names)
-    has_names = has_names and all(isinstance(n, str) and n for n in names)
+    has_names = has_names and all(isinstance(n, str) and n for n in cast(list, names))
     if not (isinstance(value.get("name"), str) and value["name"]) and not has_names:
         problems.append("classification has no name")
     if "color" not in value:
@@ -543,7 +544,7 @@ def validate_geojson(path: PathLike, grid: float = QUPATH_GRID) -> list[str]:
         features = _feature_list(data, Path(path))
     except GeoJSONError as exc:
         return [f"file: {exc}"]
-    problems = []
+    problems: list[str] = []
     seen: set[str] = set()
     for i, feature in enumerate(features):
         problems.extend(f"feature {i}: {p}" for p in validate_feature(feature, grid))

@@ -45,8 +45,8 @@ def polygonal_parts(geom: BaseGeometry | None) -> list[Polygon]:
 
 
 def _scale_xy(scale: Scale) -> tuple[float, float]:
-    sx, sy = (scale, scale) if np.isscalar(scale) else scale  # type: ignore[misc]
-    sx, sy = float(sx), float(sy)
+    pair = (scale, scale) if np.isscalar(scale) else scale
+    sx, sy = (float(v) for v in pair)  # type: ignore[union-attr, arg-type]
     if not (np.isfinite(sx) and np.isfinite(sy) and sx > 0 and sy > 0):
         raise ValueError(f"scale must be positive and finite, got {scale!r}")
     return sx, sy

@@ -16,15 +16,24 @@ Z-order (Morton order of their top-left corners), with their geometry (x, y, siz
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import cv2
 import numpy as np
 
+from wsi_amr.labels import MaskRef
+from wsi_amr.params import ParameterError, from_fields, require
+from wsi_amr.slide import Resolution
+from wsi_amr.tissue import TissueParams
+
 
 class QuadtreeError(ValueError):
     """Parameters or inputs the quadtree cannot work with; one line for the user."""
+
+
+class QuadtreeParameterError(QuadtreeError, ParameterError):
+    """A :class:`QuadtreeParams` value out of range; names the field."""
 
 
 def is_power_of_two(n: int) -> bool:
@@ -56,27 +65,86 @@ class QuadtreeParams:
     # (and split_threshold) then counts edge pixels at that resolution. 1: full resolution.
     edge_downsample: int = 2
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        if not is_power_of_two(self.min_size):
-            raise QuadtreeError(f"--min-size must be a power of two, got {self.min_size}")
-        if not is_power_of_two(self.max_size):
-            raise QuadtreeError(f"--max-size must be a power of two, got {self.max_size}")
-        if self.min_size > self.max_size:
-            raise QuadtreeError(f"--min-size ({self.min_size}) is larger than --max-size ({self.max_size})")
-        if self.blur_kernel < 0 or (self.blur_kernel > 1 and self.blur_kernel % 2 == 0):
-            raise QuadtreeError(f"--blur must be 0, 1 or an odd number of pixels, got {self.blur_kernel}")
-        if not 0 <= self.canny_low <= self.canny_high:
-            raise QuadtreeError(f"Canny thresholds must satisfy 0 <= low <= high, got {self.canny_low}/{self.canny_high}")
-        if self.split_threshold < 0:
-            raise QuadtreeError(f"--split-threshold must not be negative, got {self.split_threshold}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise QuadtreeError(f"--max-tokens must be at least 1, got {self.max_tokens}")
-        if not is_power_of_two(self.edge_downsample) or self.edge_downsample > self.min_size:
-            raise QuadtreeError(f"--edge-downsample must be a power of two no larger than --min-size "
-                                f"({self.min_size}), got {self.edge_downsample}")
+        """:class:`QuadtreeParameterError` naming the field unless every value is usable."""
+        def check(ok: bool, message: str, *fields: str) -> None:
+            if not ok:
+                raise QuadtreeParameterError(message, *fields)
+
+        check(is_power_of_two(self.min_size), f"min_size must be a power of two, got {self.min_size}", "min_size")
+        check(is_power_of_two(self.max_size), f"max_size must be a power of two, got {self.max_size}", "max_size")
+        check(self.min_size <= self.max_size, f"min_size ({self.min_size}) is larger than max_size ({self.max_size})",
+              "min_size", "max_size")
+        check(self.blur_kernel >= 0 and (self.blur_kernel <= 1 or self.blur_kernel % 2 == 1),
+              f"blur_kernel must be 0, 1 or an odd number of pixels, got {self.blur_kernel}", "blur_kernel")
+        check(0 <= self.canny_low <= self.canny_high,
+              f"Canny thresholds must satisfy 0 <= canny_low <= canny_high, got {self.canny_low}/{self.canny_high}",
+              "canny_low", "canny_high")
+        check(self.split_threshold >= 0, f"split_threshold must not be negative, got {self.split_threshold}",
+              "split_threshold")
+        check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}",
+              "max_tokens")
+        check(is_power_of_two(self.edge_downsample) and self.edge_downsample <= self.min_size,
+              f"edge_downsample must be a power of two no larger than min_size ({self.min_size}), "
+              f"got {self.edge_downsample}", "edge_downsample", "min_size")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuadtreeParams:
+        return from_fields(cls, data)
+
+
+@dataclass(frozen=True)
+class QuadtreeJobParams:
+    """What ``wsi-amr quadtree`` does to each slide: the tree, the token side for the mask round
+    trip, the window the slide is read in, the working resolution, tissue (None: the whole slide)
+    and an optional reference mask."""
+
+    tree: QuadtreeParams = QuadtreeParams()
+    token_size: int = 8  # the APF paper's main setting
+    window: int = 4096  # working px: ~50 MB of RGB per window, ~0.6 GB peak while its tree is built
+    mpp: float | None = None  # with magnification also None: 0.5 µm/px
+    magnification: float | None = None
+    tissue: TissueParams | None = TissueParams()
+    mask: MaskRef | None = None
+
+    def __post_init__(self) -> None:
+        if self.mpp is None and self.magnification is None:
+            object.__setattr__(self, "mpp", 0.5)
+        Resolution(self.mpp, self.magnification)
+        require(is_power_of_two(self.token_size), f"token_size must be a power of two, got {self.token_size}",
+                "token_size")
+        m = self.tree.max_size
+        require(self.window >= m and self.window % m == 0,
+                f"window ({self.window}) must be a positive multiple of max_size ({m})", "window", "max_size")
+
+    @property
+    def resolution(self) -> Resolution:
+        return Resolution(self.mpp, self.magnification)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tissue": self.tissue.as_dict() if self.tissue is not None else None,
+            "quadtree": {**self.tree.as_dict(), "token_size": self.token_size, "window": self.window, "mpp": self.mpp,
+                         "magnification": self.magnification},
+            "mask": asdict(self.mask) if self.mask is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuadtreeJobParams:
+        q = data["quadtree"]
+        own = {f.name for f in fields(cls)}
+        return from_fields(cls, {
+            **{k: v for k, v in q.items() if k in own},
+            "tree": QuadtreeParams.from_dict(q),
+            "tissue": TissueParams.from_dict(data["tissue"]) if data.get("tissue") is not None else None,
+            "mask": MaskRef(**data["mask"]) if data.get("mask") else None,
+        })
 
 
 @dataclass

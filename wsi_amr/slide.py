@@ -26,6 +26,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wsi_amr.params import require, require_positive
+
 # Extensions searched for when a folder is given as input.
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
@@ -63,11 +65,10 @@ class Resolution:
     magnification: float | None = None
 
     def __post_init__(self) -> None:
-        if self.mpp is not None and self.magnification is not None:
-            raise ValueError("give either --mpp or --magnification, not both")
-        for name, value in (("--mpp", self.mpp), ("--magnification", self.magnification)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value}")
+        require(self.mpp is None or self.magnification is None, "give either mpp or magnification, not both",
+                "mpp", "magnification")
+        require_positive("mpp", self.mpp)
+        require_positive("magnification", self.magnification)
 
     def describe(self) -> str:
         if self.mpp is not None:

@@ -232,7 +232,7 @@ def slide_patch_grid(slide: Slide, patch: int, mpp: float, tissue_map: Any, min_
 def slide_bag(slide: Slide, coords: np.ndarray, patch: int, downsample: float) -> Bag:
     """Patches of an open slide at ``coords``, read a chunk at a time (the caller closes the slide)."""
     return Bag(slide.stem, SlidePatches(slide, coords, patch, downsample), coords, patch * downsample, "patches",
-               offset=tuple(int(v) for v in slide.bounds_offset), size=slide.dimensions)
+               offset=(int(slide.bounds_offset[0]), int(slide.bounds_offset[1])), size=slide.dimensions)
 
 
 @contextlib.contextmanager

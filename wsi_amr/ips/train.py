@@ -123,16 +123,17 @@ class ClassifyTrainConfig:
             raise TrainingInputError(f"--features {self.features}: no such folder")
         if self.classes is not None and (len(set(self.classes)) != len(self.classes) or not all(self.classes)):
             raise TrainingInputError(f"--classes must be distinct non-empty names, got {','.join(self.classes)}")
-        for name, value in (("--patch-size", self.patch_size), ("--steps", self.steps),
+        counts: tuple[tuple[str, int | None], ...] = (("--patch-size", self.patch_size), ("--steps", self.steps),
                             ("--batch-size", self.batch_size), ("--val-every", self.val_every),
                             ("--log-every", self.log_every), ("--memory", self.memory), ("--chunk", self.chunk),
                             ("--embed-dim", self.embed_dim), ("--width", self.width), ("--heads", self.heads),
-                            ("--threads", self.threads)):
+                            ("--threads", self.threads))
+        for name, value in counts:
             if value is not None and value < 1:
                 raise TrainingInputError(f"{name} must be at least 1, got {value}")
-        for name, value in (("--mpp", self.mpp), ("--slide-mpp", self.slide_mpp), ("--lr", self.lr)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise TrainingInputError(f"{name} must be a positive number, got {value}")
+        for name, number in (("--mpp", self.mpp), ("--slide-mpp", self.slide_mpp), ("--lr", self.lr)):
+            if number is not None and not (math.isfinite(number) and number > 0):
+                raise TrainingInputError(f"{name} must be a positive number, got {number}")
         if not 0 <= self.min_tissue <= 1:
             raise TrainingInputError(f"--min-tissue is a fraction (0-1), got {self.min_tissue}")
         if self.weight_decay < 0:

@@ -11,7 +11,7 @@ import traceback
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from wsi_amr.locks import LOCK, read_lock, slide_lock
 from wsi_amr.outputs import remove_stale_temporaries
@@ -25,7 +25,7 @@ from wsi_amr.slide import MissingMppError, SlideError, slide_stem
 # ---------------------------------------------------------------------------------------------
 def _load_job(command: str) -> Callable[[JobContext], dict[str, Any]]:
     module, func = JOBS[command].split(":")
-    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+    return cast(Callable[[JobContext], dict[str, Any]], getattr(importlib.import_module(module), func))
 
 
 def run_task(task: SlideTask, progress: Callable[[int, int], None] | None = None) -> SlideResult:

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from wsi_amr.errors import TrainingInputError
+from wsi_amr.params import from_fields, require, require_one_of
 from wsi_amr.quadtree import QuadtreeError, QuadtreeParams, is_power_of_two
+from wsi_amr.tissue import TissueParams
 
 #: Label value of pixels that carry no label (padding, unannotated slide area with
 #: ``unannotated="ignore"``); they add nothing to the loss or the Dice.
@@ -192,3 +194,63 @@ class TrainConfig:
         doc["out"] = str(self.out)
         doc["quadtree"] = self.quadtree.as_dict()
         return doc
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """What ``wsi-amr segment`` does to each slide. ``model`` is the weights file and ``model_sha256``
+    its hash (so that new weights make old outputs out of date); ``patching`` and ``context`` None
+    take the model's own; ``shifts`` are the attention squares' offsets, one pass each (None: 0 and
+    half the square)."""
+
+    model: str
+    model_sha256: str | None = None
+    tissue: TissueParams = TissueParams()
+    patching: str | None = None
+    window: int = 2048
+    overlap: int = 128
+    context: int | None = None
+    shifts: tuple[int, ...] | None = None
+    simplify_um: float = 0.5
+    min_area_um2: float = 50.0
+    object_type: str = "annotation"
+    gzip: bool = False
+    mask_tiff: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.shifts is not None:
+            object.__setattr__(self, "shifts", tuple(int(v) for v in self.shifts))
+        require(self.patching in (None, "adaptive", "uniform"), f"patching must be adaptive or uniform, got {self.patching!r}",
+                "patching")
+        require_one_of("object_type", self.object_type, ("annotation", "detection"))
+        require(self.window >= 64 and 0 <= self.overlap <= self.window // 2,
+                f"window must be at least 64 px and overlap between 0 and half of it, got {self.window} and {self.overlap}",
+                "window", "overlap")
+        require(self.context is None or self.context >= 0,
+                f"context must be 0 or a positive number of px, got {self.context}", "context")
+        for name in ("simplify_um", "min_area_um2"):
+            value = getattr(self, name)
+            require(value >= 0, f"{name} must not be negative, got {value}", name)
+        if self.shifts is not None:
+            self._check_shifts(self.shifts)
+
+    def _check_shifts(self, s: tuple[int, ...]) -> None:
+        require(bool(s) and list(s) == sorted(set(s)) and s[0] >= 0,
+                f"shifts must be distinct offsets of 0 px or more in increasing order, got {list(s)}", "shifts")
+        require(s == (0,) or self.context != 0, "shifts moves the attention squares; with context 0 there are none",
+                "shifts", "context")
+        require(not self.context or s[-1] < self.context,
+                f"shifts must be below the attention square's side (context {self.context}), got {list(s)}",
+                "shifts", "context")
+
+    def as_dict(self) -> dict[str, Any]:
+        own = {k: v for k, v in asdict(self).items() if k != "tissue"}
+        own["shifts"] = list(self.shifts) if self.shifts is not None else None
+        order = ("model", "model_sha256", "patching", "window", "overlap", "context", "shifts", "simplify_um",
+                 "min_area_um2", "object_type", "gzip", "mask_tiff", "device")
+        return {"tissue": self.tissue.as_dict(), "segment": {k: own[k] for k in order}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegmentParams:
+        return from_fields(cls, {**data["segment"], "tissue": TissueParams.from_dict(data["tissue"])})

@@ -189,7 +189,8 @@ def read_mask(path: Path) -> np.ndarray:
         raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     else:
         try:
-            with Image.open(path) as im:
+            with Image.open(path) as opened:
+                im: Image.Image = opened
                 if im.mode in ("LA", "PA"):  # grey or palette index plus alpha: keep the first
                     im = im.getchannel(0)
                 elif im.mode == "RGBA":
@@ -413,4 +414,4 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:  # noqa: C901 - each i
         "train_items": len(train), "train_names": [s.name for s in train][:1000],
         "val_names": [v.name for v in val], "unannotated": cfg.unannotated, "warnings": warned,
     }
-    return TrainingData(train, val, float(mpp), description, closers)
+    return TrainingData(train, val, float(mpp or 0.62), description, closers)

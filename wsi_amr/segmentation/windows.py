@@ -88,7 +88,7 @@ def blend_stream(
                 acc[y_band] *= y_ramp[y_band, None, None]
                 acc[:, x_band] *= x_ramp[None, x_band, None]
                 wgt = np.outer(y_ramp, x_ramp)
-            if right is not None:  # the previous window's share of this window's left columns
+            if right is not None and right_w is not None:  # the previous window's share of its left columns
                 acc[:emit_h, :ov] += right
                 wgt[:emit_h, :ov] += right_w
             if i > 0:  # the row above's share of the top rows (its left columns came with `right`)
