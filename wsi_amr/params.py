@@ -34,6 +34,11 @@ def naming(exc: E, *fields: str) -> E:
     return exc
 
 
+def carry(new: E, old: BaseException) -> E:
+    """``new`` naming the parameters ``old`` named (when one error is re-raised as another)."""
+    return naming(new, *getattr(old, "fields", ()))
+
+
 def flag_text(exc: BaseException, flags: Mapping[str, str] | None = None) -> str:
     """The message of ``exc`` as a command line front end says it: each parameter it names (its
     ``fields``) written as a flag, ``flags[name]`` where given, else ``--name-with-dashes``."""

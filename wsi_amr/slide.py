@@ -26,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from wsi_amr.params import require, require_positive
+from wsi_amr.params import naming, require, require_positive
 
 # Extensions searched for when a folder is given as input.
 SLIDE_EXTENSIONS = (
@@ -34,15 +34,8 @@ SLIDE_EXTENSIONS = (
     ".dcm", ".qptiff", ".btf", ".ome.tif", ".ome.tiff",
 )
 
-#: How a "finer than level 0" message ends for commands that take --mpp or --magnification.
-COARSER_OPTION = "choose a coarser --mpp or --magnification"
-
-
-def coarser_model(command: str, mpp: float, works: str = "works") -> str:
-    """How that message ends for a command whose resolution is its model's (``segment``,
-    ``classify``): the model's resolution, and the training option that sets it."""
-    return (f"the model {works} at {mpp:g} µm/px; {command} this slide with a model trained at its "
-            f"resolution or coarser (train {command} --mpp)")
+#: How a "finer than level 0" message ends by default (it names the parameters mpp and magnification).
+COARSER_OPTION = "choose a coarser mpp or magnification"
 
 
 # A target resolution this much finer than level 0 is refused rather than silently upsampled.
@@ -119,19 +112,19 @@ class Slide(ABC):
 
     @property
     def mpp(self) -> tuple[float, float] | None:
-        """Level-0 (mpp_x, mpp_y) in µm/px: ``--slide-mpp`` when given, else the file's value."""
+        """Level-0 (mpp_x, mpp_y) in µm/px: ``slide_mpp`` (the override) when given, else the file's value."""
         if self.mpp_override is not None:
             return (self.mpp_override, self.mpp_override)
         return self.file_mpp
 
     def require_mpp(self) -> float:
-        """Mean level-0 µm/px, or :class:`MissingMppError` naming ``--slide-mpp``."""
+        """Mean level-0 µm/px, or :class:`MissingMppError` naming the ``slide_mpp`` override."""
         mpp = self.mpp
         if mpp is None:
-            raise MissingMppError(
+            raise naming(MissingMppError(
                 f"{self.name}: the slide records no pixel size (mpp); "
-                "give it with --slide-mpp (e.g. --slide-mpp 0.25 for 40x, 0.5 for 20x)"
-            )
+                "give it with slide_mpp (e.g. 0.25 µm/px for 40x, 0.5 for 20x)"
+            ), "slide_mpp")
         return (mpp[0] + mpp[1]) / 2.0
 
     def downsample_for(self, resolution: Resolution, remedy: str = COARSER_OPTION) -> float:
@@ -146,18 +139,18 @@ class Slide(ABC):
                 # Without a recorded objective, use the usual scanner convention 10x ~ 1 µm/px.
                 ds = (10.0 / resolution.magnification) / self.require_mpp()
             else:
-                raise MissingMppError(
+                raise naming(MissingMppError(
                     f"{self.name}: the slide records neither objective power nor pixel size; "
-                    "give --slide-mpp, or choose the resolution with --mpp"
-                )
+                    "give slide_mpp, or choose the resolution with mpp"
+                ), "slide_mpp", "mpp")
         else:
             ds = 1.0
         if ds < 1.0 / _UPSAMPLE_TOLERANCE:
             finest = f"{self.mpp[0]:.4g} µm/px" if self.mpp else "level 0"
-            raise SlideError(
+            raise naming(SlideError(
                 f"{self.name}: {resolution.describe()} is finer than the slide's level 0 "
                 f"({finest}); {remedy}"
-            )
+            ), "mpp", "magnification")
         # Within the tolerance, read level 0 as is rather than resample by a few percent.
         return max(ds, 1.0)
 
@@ -639,7 +632,7 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None) -> Slide:
     if p.is_dir() and p.suffix.lower() not in (".mrxs",):
         raise SlideError(f"{p}: is a folder, not a slide")
     if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
-        raise SlideError(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
+        raise naming(SlideError(f"slide_mpp must be a positive number of µm/px, got {slide_mpp}"), "slide_mpp")
     reasons: list[str] = []
     for backend in (OpenSlideSlide, TiffSlide):
         try:

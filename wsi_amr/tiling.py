@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from wsi_amr.outputs import atomic_path
-from wsi_amr.params import from_fields, require, require_fraction, require_one_of
+from wsi_amr.params import ParameterError, from_fields, require, require_fraction, require_one_of
 from wsi_amr.slide import Resolution, Slide
 from wsi_amr.tissue import TissueParams
 
@@ -141,7 +141,7 @@ def tile_grid(
     With no ``tissue_mask`` every whole tile is kept (fraction 1.0); ``min_tissue`` 0 keeps all.
     """
     if not 0.0 <= min_tissue <= 1.0:
-        raise ValueError(f"--min-tissue must be between 0 and 1, got {min_tissue}")
+        raise ParameterError(f"min_tissue must be between 0 and 1, got {min_tissue}", "min_tissue")
     coords = grid_coords(width0, height0, size, overlap, downsample)
     if tissue_mask is None:
         frac = np.ones(len(coords))

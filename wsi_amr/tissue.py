@@ -34,8 +34,8 @@ class TissueParams:
     # Otsu assumes two populations; on an image that is all tissue (or all glass) it splits noise.
     # Clipping keeps it sensible: glass is below ~10 saturation. The cap is low because Otsu on a
     # slide with much well-stained tissue lands between pale and dark tissue (40-60), not between
-    # glass and tissue, and drops pale regions whole (faint H&E, IHC counterstain): at 40 an
-    # OME-TIFF IHC sample lost a third of its tissue and the GlaS benchmark slide 9% of its glands.
+    # glass and tissue, and drops pale regions whole (faint H&E, IHC counterstain; docs/benchmarks.md,
+    # "Tissue detection threshold").
     max_threshold: float = 15.0
     detection_mpp: float = 8.0  # µm/px of the image detection runs on
     blur_um: float = 40.0  # median blur kernel width

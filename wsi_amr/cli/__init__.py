@@ -18,6 +18,7 @@ import typer
 from wsi_amr import __version__
 from wsi_amr.cli.evaluate import evaluate
 from wsi_amr.cli.options import (
+    APP_SETTINGS,
     QUADTREE_FLAGS,
     BatchArgs,
     Blur,
@@ -47,6 +48,7 @@ from wsi_amr.cli.options import (
 from wsi_amr.cli.train import train_app
 from wsi_amr.labels import MaskRef
 from wsi_amr.outputs import OutputFolderError, check_output_folder
+from wsi_amr.params import flag_text
 from wsi_amr.quadtree import QuadtreeJobParams, QuadtreeParams
 from wsi_amr.run.inputs import resolve_inputs
 from wsi_amr.run.progress import BatchProgress
@@ -59,10 +61,7 @@ app = typer.Typer(
     name="wsi-amr",
     help="Adaptive patching and Iterative Patch Selection for whole-slide images.\n\n"
     "Example: wsi-amr tile slides/ -o out --mpp 0.5 --size 256",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **APP_SETTINGS,
 )
 
 WindowSize = Annotated[int, typer.Option("--window", help="Process the slide in windows of this many working px "
@@ -87,7 +86,7 @@ def run_slides(command: str, inputs: list[str], params: JobParams, *, out: Path,
 
             check_scheduler(scheduler)
     except InputError as exc:
-        fail_usage(str(exc))
+        fail_usage(flag_text(exc))
     slides, problems = resolve_inputs(inputs, exclude=out)
     for p in problems:
         typer.echo(f"error: {p}", err=True)
@@ -97,7 +96,7 @@ def run_slides(command: str, inputs: list[str], params: JobParams, *, out: Path,
     try:
         check_output_folder(out)
     except OutputFolderError as exc:
-        fail_usage(str(exc))
+        fail_usage(flag_text(exc))
     opts = BatchOptions(out=out, jobs=jobs, overwrite=batch.overwrite, slide_mpp=slide_mpp, debug=batch.debug,
                         command_line=command_line(), shard=share, scheduler=scheduler)
     tasks, clashes = make_tasks(command, slides, params, opts)
@@ -120,7 +119,7 @@ def run_slides(command: str, inputs: list[str], params: JobParams, *, out: Path,
         typer.echo("interrupted: finished slides are kept; run the same command again to continue", err=True)
         raise typer.Exit(130) from None
     except InputError as exc:  # the scheduler could not be reached: nothing ran
-        fail_usage(str(exc))
+        fail_usage(flag_text(exc))
     results = clashes + results
     append_summary(out, results)
     n_bad = _print_summary(label, results, problems, out)
@@ -181,7 +180,7 @@ def info(
             with open_slide(path, slide_mpp=slide_mpp) as slide:
                 meta = slide.info()
         except SlideError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {flag_text(exc)}", err=True)
             failed += 1
             continue
         if json_out:
@@ -393,7 +392,7 @@ def segment(
         weights, _ = checkpoint_paths(model)
         doc = read_config(model)
     except CheckpointError as exc:
-        fail_usage(str(exc))
+        fail_usage(flag_text(exc))
     from wsi_amr.segmentation.config import SegmentParams
     from wsi_amr.segmentation.predict import default_shifts, training_context
 
@@ -432,7 +431,7 @@ def _check_device(device: str) -> None:
     try:
         resolve_device(device)
     except DeviceError as exc:
-        fail_usage(str(exc))
+        fail_usage(flag_text(exc))
 
 
 def _check_classifier(model: Path, encoder: Path | None, features: Path | None,
@@ -450,7 +449,7 @@ def _check_classifier(model: Path, encoder: Path | None, features: Path | None,
         _, cfg, extra = load_ips(model)
         card = ClassifierCard.from_extra(extra, cfg, weights)
     except CheckpointError as exc:
-        fail_usage(str(exc))
+        fail_usage(flag_text(exc))
     if features is not None and not features.is_dir():
         fail_usage(f"--features {features}: no such folder")
     if encoder is not None and features is not None:
@@ -468,7 +467,7 @@ def _check_classifier(model: Path, encoder: Path | None, features: Path | None,
             patch = card.require_patching(encoder)
             TorchScriptEncoder(encoder).check_width(patch, cfg.embed_dim, weights.name)
         except (EncoderError, ValueError) as exc:
-            fail_usage(str(exc))
+            fail_usage(flag_text(exc))
     return str(weights.resolve()), sha
 
 

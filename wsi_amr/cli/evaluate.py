@@ -30,6 +30,7 @@ from wsi_amr.evaluation import (
     read_predictions,
     scores_from_confusion,
 )
+from wsi_amr.params import carry, flag_text
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 SUFFIXES = LABEL_SUFFIXES + GEOJSON_SUFFIXES
@@ -157,7 +158,7 @@ def evaluate(
                 grown[: conf.shape[0], : conf.shape[0]] += conf
                 total = grown
     except EvaluationError as exc:
-        fail(str(exc), 1)
+        fail(flag_text(exc), 1)
     assert total is not None
     class_names = rows[0][1].classes
     k = total.shape[0]
@@ -186,7 +187,7 @@ def _evaluate_classification(pred: Path, labels: Path, json_out: bool) -> None:
         try:
             bags, label_names = read_labels_csv(labels, check_files=False)
         except BagError as exc:
-            raise EvaluationError(str(exc)) from None
+            raise carry(EvaluationError(str(exc)), exc) from None
         unknown = sorted(set(label_names) - set(classes))
         if unknown:
             raise EvaluationError(f"{labels}: labels {unknown} are not classes of the predictions "
@@ -198,7 +199,7 @@ def _evaluate_classification(pred: Path, labels: Path, json_out: bool) -> None:
         p = np.stack([predicted[name] for name, _ in pairs])
         scores = classification_scores(y, p, classes)
     except EvaluationError as exc:
-        fail(str(exc), 1)
+        fail(flag_text(exc), 1)
     for name in sorted({b.name for b in bags} ^ set(predicted)):
         typer.echo(f"warning: {name}: on one side only, not compared", err=True)
     if json_out:

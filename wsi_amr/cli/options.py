@@ -53,6 +53,15 @@ def build(cls: Callable[..., P], flags: Mapping[str, str] | None = None, /, **va
         fail_usage(flag_text(exc, flags))
 
 
+# How every Typer app of the CLI behaves: help on no arguments, -h, plain one-line errors.
+APP_SETTINGS: dict[str, Any] = {
+    "no_args_is_help": True,
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "context_settings": {"help_option_names": ["-h", "--help"]},
+}
+
+
 # -- shared options -------------------------------------------------------------------------------
 Inputs = Annotated[
     list[str],

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from wsi_amr.cli.options import (
+    APP_SETTINGS,
     Blur,
     Debug,
     Device,
@@ -30,6 +31,7 @@ from wsi_amr.cli.options import (
     quadtree_params,
 )
 from wsi_amr.ips.config import IPSConfig
+from wsi_amr.params import flag_text
 from wsi_amr.quadtree import QuadtreeParams
 from wsi_amr.segmentation.config import SegmenterConfig
 
@@ -37,10 +39,7 @@ train_app = typer.Typer(
     name="train",
     help="Train models on your own labelled data.\n\n"
     "Example: wsi-amr train segment --images 'glas/images/train_*.png' --masks glas/masks -o runs/glas",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **APP_SETTINGS,
 )
 
 
@@ -189,7 +188,7 @@ def _run_training(train: Callable[[Callable[[int, int, dict[str, Any]], None]], 
             "same command plus --resume")
         raise typer.Exit(130) from None
     except TrainingError as exc:
-        say(f"error: {exc}")
+        say(f"error: {flag_text(exc)}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         saved = (out / "last-state.json").exists()

@@ -39,10 +39,11 @@ from wsi_amr.ips.predict import (
     slide_bag,
     slide_patch_grid,
 )
+from wsi_amr.jobs import coarser_model
 from wsi_amr.jobs.tissue import OVERLAY_SIDE, load_or_detect, overlay_image
 from wsi_amr.outputs import write_json_atomic, write_png_atomic
 from wsi_amr.run.task import EmptySlide, JobContext
-from wsi_amr.slide import SlideError, coarser_model, open_slide, slide_stem
+from wsi_amr.slide import SlideError, open_slide, slide_stem
 
 RESULT_FILE = "classification.json"
 HEATMAP_FILE = "heatmap.png"

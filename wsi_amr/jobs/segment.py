@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from wsi_amr.geojson import PathClass, make_feature, write_geojson
+from wsi_amr.jobs import coarser_model
 from wsi_amr.jobs.tissue import load_or_detect
 from wsi_amr.labeltiff import LabelTiff
 from wsi_amr.outputs import write_png_atomic
@@ -32,7 +33,7 @@ from wsi_amr.segmentation.config import SegmentParams
 from wsi_amr.segmentation.model import load_checkpoint
 from wsi_amr.segmentation.predict import default_shifts, make_leaves, patching_from_card, predict_leaves, training_context
 from wsi_amr.segmentation.windows import SeamlessPolygons, blend_stream, class_map, window_starts
-from wsi_amr.slide import Resolution, coarser_model, open_slide
+from wsi_amr.slide import Resolution, open_slide
 from wsi_amr.tiling import Block, sample_mask
 from wsi_amr.tissue import ASSUMED_MPP
 

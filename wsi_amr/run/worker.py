@@ -15,9 +15,10 @@ from typing import Any, cast
 
 from wsi_amr.locks import LOCK, read_lock, slide_lock
 from wsi_amr.outputs import remove_stale_temporaries
+from wsi_amr.params import flag_text
 from wsi_amr.run.manifest import is_current, read_manifest, update_manifest
 from wsi_amr.run.task import JOBS, EmptySlide, JobContext, SlideResult, SlideTask
-from wsi_amr.slide import MissingMppError, SlideError, slide_stem
+from wsi_amr.slide import SlideError, slide_stem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,10 +63,8 @@ def run_task(task: SlideTask, progress: Callable[[int, int], None] | None = None
             result.message = str(exc)
             result.outputs = exc.outputs
             result.stats = exc.stats
-        except MissingMppError as exc:
-            result.message = str(exc)
-        except SlideError as exc:
-            result.message = str(exc)
+        except SlideError as exc:  # MissingMppError too: the message names the options to set
+            result.message = flag_text(exc)
         except MemoryError:
             result.message = f"{path.name}: out of memory; try a coarser --mpp or fewer --jobs"
         except OSError as exc:

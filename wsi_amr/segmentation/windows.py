@@ -9,6 +9,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon, box
 
+from wsi_amr.params import ParameterError
 from wsi_amr.polygons import mask_to_polygons, polygonal_parts
 from wsi_amr.tiling import Block
 
@@ -58,7 +59,7 @@ def blend_stream(
     its probabilities pass through untouched.
     """
     if overlap and window < 2 * overlap:
-        raise ValueError(f"--overlap ({overlap}) must be at most half the window ({window})")
+        raise ParameterError(f"overlap ({overlap}) must be at most half the window ({window} px)", "overlap")
     k, ov = num_classes, overlap
     xs, ys = window_starts(width, window, overlap), window_starts(height, window, overlap)
     bottom = np.zeros((ov, width, k), np.float32)  # carried to the next row of windows
