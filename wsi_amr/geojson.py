@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, cast
 
+import geojson
 import numpy as np
 import shapely
 from shapely.errors import GEOSException, ShapelyError
@@ -434,6 +435,30 @@ def _checked_feature(feature: dict[str, Any], report: WriteReport) -> dict[str, 
 # --------------------------------------------------------------------------- validating
 
 
+def _structure_problems(geometry: Mapping[str, Any]) -> list[str]:
+    """What the ``geojson`` package's RFC 7946 checks find wrong with a geometry's structure:
+    rings that do not close or have fewer than 4 positions, positions that are not 2 or 3 numbers.
+    shapely would close such a ring silently; QuPath's reader refuses it."""
+    try:
+        errors = geojson.GeoJSON.to_instance(dict(geometry), strict=True).errors()
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        return [f"geometry cannot be parsed: {exc}"]
+    found: list[str] = []
+
+    def collect(e: Any) -> None:
+        if isinstance(e, str) and e:
+            found.append(e)
+        elif isinstance(e, (list, tuple)):
+            for item in e:
+                collect(item)
+        elif isinstance(e, Mapping):
+            for item in e.values():
+                collect(item)
+
+    collect(errors)
+    return [f"geometry is not valid GeoJSON: {e[0].lower() + e[1:]}" for e in dict.fromkeys(found)]
+
+
 def _geometry_problems(geometry: Any, grid: float) -> list[str]:
     if geometry is None:
         return ["geometry is missing or null"]
@@ -446,6 +471,9 @@ def _geometry_problems(geometry: Any, grid: float) -> list[str]:
         geom = shape(geometry)
     except _UNPARSABLE as exc:
         return [f"geometry cannot be parsed: {exc}"]
+    structure = _structure_problems(geometry)
+    if structure:
+        return structure
     if geom.is_empty:
         return ["geometry is empty"]
     if not geom.is_valid:
