@@ -25,7 +25,7 @@ import numpy as np
 
 from wsi_amr.labels import MaskRef
 from wsi_amr.params import ParameterError, from_fields, require
-from wsi_amr.slide import Resolution
+from wsi_amr.slide import DEFAULT_MPP, Resolution
 from wsi_amr.tissue import TissueParams
 
 
@@ -107,14 +107,14 @@ class QuadtreeJobParams:
     tree: QuadtreeParams = QuadtreeParams()
     token_size: int = 8  # the APF paper's main setting
     window: int = 4096  # working px: ~50 MB of RGB per window, ~0.6 GB peak while its tree is built
-    mpp: float | None = None  # with magnification also None: 0.5 µm/px
+    mpp: float | None = None  # with magnification also None: DEFAULT_MPP
     magnification: float | None = None
     tissue: TissueParams | None = TissueParams()
     mask: MaskRef | None = None
 
     def __post_init__(self) -> None:
         if self.mpp is None and self.magnification is None:
-            object.__setattr__(self, "mpp", 0.5)
+            object.__setattr__(self, "mpp", DEFAULT_MPP)
         Resolution(self.mpp, self.magnification)
         require(is_power_of_two(self.token_size), f"token_size must be a power of two, got {self.token_size}",
                 "token_size")

@@ -50,6 +50,10 @@ class MissingMppError(SlideError):
     """The slide records no pixel size and the command needs one."""
 
 
+#: The working resolution of the per-slide commands when neither mpp nor magnification is given.
+DEFAULT_MPP = 0.5
+
+
 @dataclass(frozen=True)
 class Resolution:
     """A requested working resolution: microns per pixel, or an objective magnification."""

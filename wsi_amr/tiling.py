@@ -16,11 +16,8 @@ import numpy as np
 
 from wsi_amr.outputs import atomic_path
 from wsi_amr.params import ParameterError, from_fields, require, require_fraction, require_one_of
-from wsi_amr.slide import Resolution, Slide
+from wsi_amr.slide import DEFAULT_MPP, Resolution, Slide
 from wsi_amr.tissue import TissueParams
-
-DEFAULT_MPP = 0.5  # the working resolution when neither mpp nor magnification is given
-
 
 @dataclass(frozen=True)
 class TileParams:
