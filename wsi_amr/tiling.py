@@ -19,6 +19,7 @@ from wsi_amr.params import ParameterError, from_fields, require, require_fractio
 from wsi_amr.slide import DEFAULT_MPP, Resolution, Slide
 from wsi_amr.tissue import TissueParams
 
+
 @dataclass(frozen=True)
 class TileParams:
     """What ``wsi-amr tile`` does to each slide. ``tissue`` None: tile the whole slide."""
