@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from glas import glas_grades  # bench/glas.py
 
+    from wsi_amr.images import read_rgb
     from wsi_amr.ips.bags import image_patches
     from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, select_then_forward
-    from wsi_amr.segmentation.data import read_image
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     grades = glas_grades(args.glas / "grade.csv")
     bags = {}
     for name, grade in grades.items():
-        patches, _ = image_patches(read_image(args.glas / "images" / f"{name}.png"), args.patch)
+        patches, _ = image_patches(read_rgb(args.glas / "images" / f"{name}.png"), args.patch)
         bags[name] = (patches, int(grade == "malignant"))
     train = sorted(n for n in bags if n.startswith("train_"))
     val = set(rng.choice(train, size=len(train) // 6, replace=False).tolist())

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from wsi_amr.segmentation.data import read_image, read_mask
+    from wsi_amr.images import read_rgb
+    from wsi_amr.labels import read_label_image
     from wsi_amr.segmentation.model import load_checkpoint
     from wsi_amr.segmentation.predict import default_shifts, make_leaves, patching_from_card, predict_leaves, training_context
 
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     for path in paths:
-        image = read_image(path)
-        truth = read_mask(args.glas / "masks" / path.name) > 0
+        image = read_rgb(path)
+        truth = read_label_image(args.glas / "masks" / path.name) > 0
         leaves = make_leaves(image, params, mode)
         for key, ctx in (("context", context), ("whole", None)):
             pred = predict_leaves(model, card, image, leaves, relative_to=params.max_size, context=ctx,

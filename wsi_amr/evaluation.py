@@ -1,8 +1,9 @@
 """Metrics: Dice and IoU per class for segmentation; accuracy, balanced accuracy, AUC and the
 confusion matrix for slide classification.
 
-Segmentation predictions and references can each be a label image (PNG/TIFF; binary 0/255
-masks read as 0/1) or a GeoJSON of polygons in level-0 px (rasterised with class names mapped
+Segmentation predictions and references can each be a label image (read by
+:func:`wsi_amr.labels.read_label_image`, which lists the files accepted; binary 0/255 masks read
+as 0/1) or a GeoJSON of polygons in level-0 px (rasterised with class names mapped
 to label ids). Both are compared on one pixel grid: the label image's, or level 0 divided by
 ``downsample``. Classification compares class probabilities per slide with reference labels.
 """
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from wsi_amr.geojson import GeoJSONError, read_geojson
+from wsi_amr.images import ImageError
+from wsi_amr.labels import label_ids, read_label_image
 from wsi_amr.polygons import rasterize_polygons
 
 GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")
@@ -30,26 +32,12 @@ def is_geojson(path: Path) -> bool:
     return path.name.lower().endswith(GEOJSON_SUFFIXES)
 
 
-def read_label_image(path: Path) -> np.ndarray:
-    """A label image as int32: values as stored, except binary 0/255 masks which become 0/1."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            arr = tifffile.imread(path, level=0) if path.exists() else None
-        except Exception as exc:
-            raise EvaluationError(f"{path}: not a readable label image ({exc})") from exc
-    else:
-        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise EvaluationError(f"{path}: not a readable label image")
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    arr = arr.astype(np.int32)
-    values = np.unique(arr)
-    if set(values.tolist()) <= {0, 255}:
-        arr = (arr > 0).astype(np.int32)
-    return arr
+def _label_image(path: Path) -> np.ndarray:
+    """A label image's label ids as int32 (a binary 0/255 mask as 0/1); EvaluationError when refused."""
+    try:
+        return label_ids(read_label_image(path)).astype(np.int32)
+    except ImageError as exc:
+        raise EvaluationError(str(exc)) from None
 
 
 def _read(path: Path) -> list[Any]:
@@ -98,7 +86,7 @@ def load_labels(path: Path, *, shape: tuple[int, int], downsample: float, classe
         raise EvaluationError(f"{path}: no such file")
     if is_geojson(path):
         return rasterise_geojson(path, shape, downsample, classes)
-    labels = read_label_image(path)
+    labels = _label_image(path)
     if labels.shape != shape:
         raise EvaluationError(f"{path}: label image is {labels.shape[1]}x{labels.shape[0]}, the other input is {shape[1]}x{shape[0]}")
     return labels
@@ -180,13 +168,13 @@ def evaluate_pair(
     the extent of the objects) divided by ``downsample``.
     """
     if not downsample > 0:
-        raise EvaluationError(f"--downsample must be positive, got {downsample}")
+        raise EvaluationError(f"downsample (level-0 px per compared pixel) must be positive, got {downsample}")
     for p in (pred_path, ref_path):
         if not p.exists():
             raise EvaluationError(f"{p}: no such file")
     images = [p for p in (ref_path, pred_path) if not is_geojson(p)]
     if images:
-        shape = read_label_image(images[0]).shape
+        shape = _label_image(images[0]).shape
     else:
         if size is None:
             extents = [_geojson_extent(p) for p in (ref_path, pred_path)]
