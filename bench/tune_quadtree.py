@@ -54,8 +54,9 @@ sys.path.insert(0, str(REPO))
 
 from wsi_amr.images import read_rgb
 from wsi_amr.labels import read_label_image
+from wsi_amr.metrics import dice
 from wsi_amr.quadtree import Leaves, QuadtreeParams, build_quadtree, edge_map, uniform_leaves, uniform_token_count
-from wsi_amr.tokens import dice, labels_round_trip  # noqa: E402
+from wsi_amr.tokens import labels_round_trip  # noqa: E402
 
 GLAS = REPO.parent / "shared" / "data" / "glas"
 GLAS_MPP = 0.62

@@ -20,15 +20,12 @@ import typer
 
 from wsi_amr.evaluation import (
     GEOJSON_SUFFIXES,
-    ClassificationScores,
     EvaluationError,
-    Scores,
     classes_of,
-    classification_scores,
     evaluate_pair,
     read_predictions,
-    scores_from_confusion,
 )
+from wsi_amr.metrics import ClassificationScores, Scores, classification_scores, scores_from_confusion
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 SUFFIXES = LABEL_SUFFIXES + GEOJSON_SUFFIXES
