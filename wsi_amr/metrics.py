@@ -44,14 +44,21 @@ class EvaluationError(ValueError):
 def _pair_counts(pred: np.ndarray | None, ref: np.ndarray, k: int) -> np.ndarray:
     """(k + 1, k + 1) int64 counts of (reference, prediction) label pairs; row and column k
     collect labels outside 0..k-1, and ``pred`` None (nothing predicted) puts every pixel in column k."""
-    r = ref.ravel().astype(np.int64)
-    r[(r < 0) | (r >= k)] = k
-    if pred is None:
-        p = np.full_like(r, k)
-    else:
-        p = pred.ravel().astype(np.int64)
-        p[(p < 0) | (p >= k)] = k
-    return np.bincount(r * (k + 1) + p, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+    n = k + 1
+    dtype = np.uint8 if n * n <= 256 else np.uint16 if n * n <= 65536 else np.int64  # a window's worth stays small
+    index = _label_index(ref, k, dtype)
+    index *= n
+    index += k if pred is None else _label_index(pred, k, dtype)
+    return np.bincount(index, minlength=n * n).reshape(n, n)
+
+
+def _label_index(labels: np.ndarray, k: int, dtype: Any) -> np.ndarray:
+    """Labels, flat, as ``dtype``; those outside 0..k-1 become k."""
+    flat = labels.ravel()
+    inside = (flat >= 0) & (flat < k)
+    out = np.full(flat.shape, k, dtype)
+    out[inside] = flat[inside]
+    return out
 
 
 def class_counts(conf: np.ndarray, k: int | None = None) -> np.ndarray:
