@@ -57,3 +57,18 @@ def test_no_import_cycles():
     g = grimp.build_graph("wsi_amr")
     graph = {m: set(g.find_modules_directly_imported_by(m)) for m in g.modules}
     assert strongly_connected(graph) == []
+
+
+def test_the_public_api_resolves_and_stays_light():
+    import subprocess
+    import sys
+
+    import wsi_amr
+
+    assert set(wsi_amr.__all__) == {"__version__", *wsi_amr._API}
+    for name in wsi_amr.__all__:
+        assert getattr(wsi_amr, name) is not None, name
+    # importing the package alone loads neither OpenCV nor PyTorch (the CLI and workers import it)
+    code = "import sys, wsi_amr; print('cv2' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

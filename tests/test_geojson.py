@@ -348,6 +348,11 @@ BAD_FEATURES = {
         _set("geometry", {"type": "Polygon", "coordinates": [[1, 2]]}),
         "cannot be parsed",
     ),
+    # shapely closes an open ring silently; the geojson package's RFC 7946 check (and QuPath) does not.
+    "ring_not_closed": (
+        _set("geometry", {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10]]]}),
+        "must end where it started",
+    ),
     "geometry_self_intersecting": (_set("geometry", mapping(BOWTIE)), "geometry is invalid"),
     "geometry_hole_outside": (_set("geometry", mapping(HOLE_OUTSIDE)), "geometry is invalid"),
     "geometry_spur": (_set("geometry", mapping(SPUR)), "geometry is invalid"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import shapely
 
-from wsi_amr.polygons import labels_to_polygons
+from wsi_amr.polygons import mask_to_polygons
 from wsi_amr.segmentation.windows import SeamlessPolygons, blend_stream, ramp, window_starts
 from wsi_amr.tiling import Block
 
@@ -149,7 +149,7 @@ def test_objects_cut_by_blocks_come_out_whole():
     assert all(m == pytest.approx(0.9) for _, m in result[1])
     rect = max(result[2], key=lambda item: item[0].area)
     assert rect[1] == pytest.approx((50 * 0.6 + 40 * 0.8) / 90)
-    want = labels_to_polygons(labels, scale=2.0, offset=(10.0, 20.0))
+    want = {v: mask_to_polygons(labels == v, scale=2.0, offset=(10.0, 20.0)) for v in (1, 2)}
     assert sorted(got) == [1, 2]
     for label in (1, 2):
         assert len(got[label]) == len(want[label])

@@ -8,8 +8,7 @@ import pytest
 import shapely
 from shapely.geometry import Polygon, box
 
-from wsi_amr import polygons as polygons_module
-from wsi_amr.polygons import labels_to_polygons, mask_to_polygons, rasterize_polygons
+from wsi_amr.polygons import mask_to_polygons, rasterize_polygons
 
 
 def _blob_mask(seed: int, size: int = 160) -> np.ndarray:
@@ -124,7 +123,6 @@ def test_rasterize_inverts_mask_to_polygons_on_random_pixel_noise() -> None:
 
 def test_empty_mask_gives_no_polygons() -> None:
     assert mask_to_polygons(np.zeros((5, 5), np.uint8)) == []
-    assert labels_to_polygons(np.zeros((5, 5), np.int32)) == {}
 
 
 def test_mask_must_be_2d_and_scale_positive() -> None:
@@ -160,41 +158,6 @@ def test_polygons_are_oriented_counter_clockwise() -> None:
     (poly,) = mask_to_polygons(m)
     assert poly.exterior.is_ccw
     assert not poly.interiors[0].is_ccw
-
-
-def test_labels_to_polygons_outlines_each_label_and_skips_background() -> None:
-    labels = np.zeros((6, 8), np.int32)
-    labels[1:5, 1:4] = 1
-    labels[1:5, 4:7] = 2  # shares a border with label 1
-    result = labels_to_polygons(labels, scale=2.0)
-    assert sorted(result) == [1, 2]
-    (one,), (two,) = result[1], result[2]
-    assert one.equals(box(2, 2, 8, 10)) and two.equals(box(8, 2, 14, 10))
-    assert one.intersection(two).length == 8.0  # the shared edge, no overlap
-
-
-def test_labels_to_polygons_with_nonzero_background() -> None:
-    labels = np.full((4, 4), 7, np.int16)
-    labels[1:3, 1:3] = 0
-    result = labels_to_polygons(labels, background=7)
-    assert list(result) == [0]
-    assert result[0][0].equals(box(1, 1, 3, 3))
-
-
-def test_labels_match_mask_per_label_across_several_atlases(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A tiny atlas forces labels to spread over many atlases and shelves.
-    monkeypatch.setattr(polygons_module, "_ATLAS_SIDE", 16)
-    m = _blob_mask(11, size=96)
-    _, labels = cv2.connectedComponents(m, connectivity=4)
-    labels[labels % 3 == 0] *= 1000  # sparse, large label values
-    result = labels_to_polygons(labels, offset=(5.0, 7.0))
-    values = np.unique(labels[labels != 0])
-    assert sorted(result) == values.tolist()
-    for v in values:
-        target = (labels == v).astype(np.uint8)
-        got = result[int(v)]
-        assert sum(p.area for p in got) == target.sum()
-        np.testing.assert_array_equal(rasterize_polygons(got, labels.shape, offset=(5.0, 7.0)), target)
 
 
 def test_rasterize_uses_pixel_centres() -> None:

@@ -138,13 +138,13 @@ def test_empty_tissue_mask_gives_no_leaves():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"min_size": 6}, "--min-size"),
-    ({"max_size": 100}, "--max-size"),
+    ({"min_size": 6}, "min_size"),
+    ({"max_size": 100}, "max_size"),
     ({"min_size": 64, "max_size": 32}, "larger than"),
-    ({"blur_kernel": 4}, "--blur"),
+    ({"blur_kernel": 4}, "blur_kernel"),
     ({"canny_low": 200, "canny_high": 100}, "Canny"),
-    ({"max_tokens": 0}, "--max-tokens"),
-    ({"split_threshold": -1}, "--split-threshold"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"split_threshold": -1}, "split_threshold"),
 ])
 def test_bad_parameters_are_refused(kwargs, needle):
     with pytest.raises(QuadtreeError, match=needle):

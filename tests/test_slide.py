@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from conftest import textured, write_pyramid_tiff
 
+from wsi_amr.params import flag_text
 from wsi_amr.slide import MissingMppError, Resolution, SlideError, open_slide, slide_stem
 
 # (relative path, backend, width, height, levels, mpp_x or None) — from ../shared/data/README.md
@@ -103,8 +104,9 @@ def test_missing_mpp_names_slide_mpp_and_override_works(tmp_path: Path):
     path = write_pyramid_tiff(tmp_path / "nompp.tiff", textured(512, 512), mpp=None, levels=1)
     with open_slide(path) as slide:
         assert slide.mpp is None
-        with pytest.raises(MissingMppError, match="--slide-mpp"):
+        with pytest.raises(MissingMppError, match="slide_mpp") as info:
             slide.downsample_for(Resolution(mpp=1.0))
+        assert "give it with --slide-mpp" in flag_text(info.value)  # as the CLI prints it
     with open_slide(path, slide_mpp=0.25) as slide:
         assert slide.mpp == (0.25, 0.25)
         assert slide.downsample_for(Resolution(mpp=1.0)) == pytest.approx(4.0)
@@ -125,8 +127,9 @@ def test_resolution_by_magnification_and_upsampling_refused(slides_dir: Path):
 
 
 def test_bad_slide_mpp_value_is_refused(slides_dir: Path):
-    with pytest.raises(SlideError, match="--slide-mpp"):
+    with pytest.raises(SlideError, match="slide_mpp") as info:
         open_slide(slides_dir / "aperio" / "CMU-1-Small-Region.svs", slide_mpp=0.0)
+    assert flag_text(info.value).startswith("--slide-mpp must be a positive number")
 
 
 def test_slide_stem_strips_multi_part_extensions():

@@ -3,13 +3,12 @@ is spent, merging window results in one order."""
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from wsi_amr.quadtree import QuadtreeParams, box_sums, detail_score
+from wsi_amr.quadtree import QuadtreeParams, greedy_budget
 
 
 # -------------------------------------------------------------------------------------------------
@@ -35,7 +34,7 @@ class Cells:
         t = np.zeros((rows, cols), bool)
         t[:h, :w] = True if tissue is None else tissue
         return Cells(e.reshape(r, m // f, c, m // f).sum(axis=(1, 3), dtype=np.int32),
-                     t.reshape(r, m, c, m).any(axis=(1, 3)))
+                     np.asarray(t.reshape(r, m, c, m).any(axis=(1, 3))))
 
 
 def _integral_of_cells(a: np.ndarray) -> np.ndarray:
@@ -62,68 +61,18 @@ class Splits:
 def greedy_splits(cells: Cells, params: QuadtreeParams, cap: int, max_splits: int | None = None,
                   stop_below: float = -math.inf) -> Splits:
     """Split the most detailed splittable leaf of one window while it has fewer than ``cap``
-    leaves (as :func:`wsi_amr.quadtree.build_quadtree` does in budget mode, same order, same
-    ties), for at most ``max_splits`` splits, and only while the scores of the leaves split so far
-    stay at or above ``stop_below``. Coordinates in working px relative to the window."""
+    leaves (as :func:`wsi_amr.quadtree.build_quadtree` does in budget mode: the same
+    :func:`~wsi_amr.quadtree.greedy_budget`, same order, same ties), for at most ``max_splits``
+    splits, and only while the scores of the leaves split so far stay at or above ``stop_below``.
+    Coordinates in working px relative to the window."""
     m, top = params.min_size, params.max_size
-    e_int, t_int = _integral_of_cells(cells.edges), _integral_of_cells(cells.tissue)
-
-    def sums(integral: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return box_sums(integral, x, y, s, m)
-
-    def score(count: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return detail_score(count, s, params.normalise)
-
     rows, cols = cells.edges.shape[0] * m, cells.edges.shape[1] * m
     gy, gx = np.mgrid[0:rows:top, 0:cols:top]
-    x, y = gx.ravel().astype(np.int64), gy.ravel().astype(np.int64)
-    s = np.full(len(x), top, np.int64)
-    keep = sums(t_int, x, y, s) > 0
-    x, y, s = x[keep], y[keep], s[keep]
-    sc = score(sums(e_int, x, y, s), s)
-    leaves: dict[int, tuple[int, int, int, int, float]] = {}
-    heap: list[tuple[float, int]] = []
-    next_id = 0
-    for xi, yi, si, v in zip(x.tolist(), y.tolist(), s.tolist(), sc.tolist()):
-        leaves[next_id] = (xi, yi, si, 0, v)
-        if si > m:
-            heapq.heappush(heap, (-v, next_id))
-        next_id += 1
-    scores: list[float] = []
-    deltas: list[int] = []
-    lowest = math.inf  # the running minimum: a split's rank among all windows' splits
-    while heap and (max_splits is None or len(scores) < max_splits):
-        neg, lid = heap[0]
-        lowest = min(lowest, -neg)
-        if lowest < stop_below:
-            break
-        if len(leaves) >= cap:
-            scores.append(-neg)
-            deltas.append(cap + 1)
-            break
-        xi, yi, si, di, _ = leaves[lid]
-        h = si // 2
-        cx = np.array([xi, xi + h, xi, xi + h], np.int64)
-        cy = np.array([yi, yi, yi + h, yi + h], np.int64)
-        cs = np.full(4, h, np.int64)
-        has = sums(t_int, cx, cy, cs) > 0
-        n_children = int(has.sum())
-        if len(leaves) - 1 + n_children > cap:
-            scores.append(-neg)
-            deltas.append(cap + 1)
-            break
-        heapq.heappop(heap)
-        del leaves[lid]
-        scores.append(-neg)
-        deltas.append(n_children - 1)
-        csc = score(sums(e_int, cx, cy, cs), cs)
-        for k in np.flatnonzero(has).tolist():
-            leaves[next_id] = (int(cx[k]), int(cy[k]), h, di + 1, float(csc[k]))
-            if h > m:
-                heapq.heappush(heap, (-float(csc[k]), next_id))
-            next_id += 1
+    leaves, scores, deltas = greedy_budget(_integral_of_cells(cells.edges), _integral_of_cells(cells.tissue),
+                                           gx.ravel().astype(np.int64), gy.ravel().astype(np.int64), params, cap,
+                                           max_splits, stop_below)
     out = Splits(np.asarray(scores, np.float64), np.asarray(deltas, np.int64))
-    for xi, yi, si, di, v in leaves.values():
+    for xi, yi, si, di, v in leaves:
         out.x.append(xi)
         out.y.append(yi)
         out.size.append(si)

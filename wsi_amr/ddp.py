@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from wsi_amr.params import naming
+
 
 class GroupError(Exception):
     """This process cannot take its place in the group (device or launch problem); one line."""
@@ -136,14 +138,15 @@ def process_device(device: torch.device, name: str, group: Group) -> torch.devic
         return device
     if device.type == "cuda":
         if name.startswith("cuda:"):
-            raise GroupError(f"--device {name} under torchrun would put every process on one GPU; give --device "
-                             "cuda (each process takes cuda:LOCAL_RANK) or set CUDA_VISIBLE_DEVICES")
+            raise naming(GroupError(f"device {name} under torchrun would put every process on one GPU; give cuda "
+                                    "(each process takes cuda:LOCAL_RANK) or set CUDA_VISIBLE_DEVICES"), "device")
         if group.local_rank >= torch.cuda.device_count():
             raise GroupError(f"LOCAL_RANK {group.local_rank} has no GPU (this node has {torch.cuda.device_count()}); "
                              "start at most one process per GPU (--nproc-per-node)")
         return torch.device("cuda", group.local_rank)
     if device.type != "cpu":
-        raise GroupError(f"--device {name}: training over several processes runs on CUDA (NCCL) or the CPU (gloo)")
+        raise naming(GroupError(f"device {name}: training over several processes runs on CUDA (NCCL) or the CPU (gloo)"),
+                     "device")
     return device
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from wsi_amr.params import naming
+
 
 class DeviceError(ValueError):
     """The device asked for does not exist on this machine (one line naming it)."""
@@ -21,13 +23,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise DeviceError("--device mps: Apple Metal (MPS) is not available here")
+            raise naming(DeviceError("device mps: Apple Metal (MPS) is not available here"), "device")
         return torch.device("mps")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: no CUDA GPU is available (use --device cpu or auto)")
+            raise naming(DeviceError(f"device {name}: no CUDA GPU is available (use cpu or auto)"), "device")
         index = name.partition(":")[2]
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise DeviceError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (0..)")
+            raise naming(DeviceError(f"device {name}: there are {torch.cuda.device_count()} CUDA devices (0..)"), "device")
         return torch.device(name)
-    raise DeviceError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
+    raise naming(DeviceError(f"device must be auto, cpu, cuda, cuda:N or mps, not {name!r}"), "device")

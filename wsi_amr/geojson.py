@@ -19,8 +19,9 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
+import geojson
 import numpy as np
 import shapely
 from shapely.errors import GEOSException, ShapelyError
@@ -175,17 +176,18 @@ def clean_geometry(
         return None
     if isinstance(geom, Mapping):
         try:
-            geom = shape(geom)
+            geom = cast(BaseGeometry, shape(geom))
         except _UNPARSABLE:
             return None
-    if geom.is_empty:
+    g: BaseGeometry = geom
+    if g.is_empty:
         return None
-    if _is_polygonal(geom) and geom.is_valid:
-        if grid and _on_grid(geom, grid):
-            return geom  # type: ignore[return-value]  # snapping would change nothing
-        fixed: Polygon | MultiPolygon | None = geom  # type: ignore[assignment]
+    if _is_polygonal(g) and g.is_valid:
+        if grid and _on_grid(g, grid):
+            return cast(Polygon | MultiPolygon, g)  # snapping would change nothing
+        fixed: Polygon | MultiPolygon | None = cast(Polygon | MultiPolygon, g)
     else:
-        fixed = _repair(geom)
+        fixed = _repair(g)
     if fixed is None or fixed.is_empty:
         return None
     if not grid:
@@ -197,8 +199,8 @@ def clean_geometry(
         snapped = _snap(repaired, grid) if repaired is not None else None
     if snapped is None:
         return None
-    if fixed is geom and _same_geometry(snapped, geom):
-        return geom  # type: ignore[return-value]
+    if fixed is g and _same_geometry(snapped, g):
+        return cast(Polygon | MultiPolygon, g)
     return snapped
 
 
@@ -248,7 +250,7 @@ def make_feature(
     object_type: str = "annotation",
     classification: PathClass | None = None,
     name: str | None = None,
-    measurements: Mapping[str, float] | None = None,
+    measurements: Mapping[str, float | None] | None = None,
     feature_id: str | None = None,
 ) -> dict[str, Any] | None:
     """Build one GeoJSON Feature the way QuPath reads it.
@@ -283,7 +285,7 @@ def make_box_feature(
     object_type: str = "annotation",
     classification: PathClass | None = None,
     name: str | None = None,
-    measurements: Mapping[str, float] | None = None,
+    measurements: Mapping[str, float | None] | None = None,
     feature_id: str | None = None,
 ) -> dict[str, Any] | None:
     """The Feature :func:`make_feature` makes of ``shapely.geometry.box(x0, y0, x1, y1)``, built
@@ -304,7 +306,7 @@ def make_box_feature(
 
 
 def _properties(object_type: str, classification: PathClass | None, name: str | None,
-                measurements: Mapping[str, float] | None, feature_id: str | None) -> dict[str, Any]:
+                measurements: Mapping[str, float | None] | None, feature_id: str | None) -> dict[str, Any]:
     """A Feature's checked ``properties`` (the arguments of :func:`make_feature`)."""
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {sorted(OBJECT_TYPES)}, got {object_type!r}")
@@ -433,6 +435,30 @@ def _checked_feature(feature: dict[str, Any], report: WriteReport) -> dict[str, 
 # --------------------------------------------------------------------------- validating
 
 
+def _structure_problems(geometry: Mapping[str, Any]) -> list[str]:
+    """What the ``geojson`` package's RFC 7946 checks find wrong with a geometry's structure:
+    rings that do not close or have fewer than 4 positions, positions that are not 2 or 3 numbers.
+    shapely would close such a ring silently; QuPath's reader refuses it."""
+    try:
+        errors = geojson.GeoJSON.to_instance(dict(geometry), strict=True).errors()
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        return [f"geometry cannot be parsed: {exc}"]
+    found: list[str] = []
+
+    def collect(e: Any) -> None:
+        if isinstance(e, str) and e:
+            found.append(e)
+        elif isinstance(e, (list, tuple)):
+            for item in e:
+                collect(item)
+        elif isinstance(e, Mapping):
+            for item in e.values():
+                collect(item)
+
+    collect(errors)
+    return [f"geometry is not valid GeoJSON: {e[0].lower() + e[1:]}" for e in dict.fromkeys(found)]
+
+
 def _geometry_problems(geometry: Any, grid: float) -> list[str]:
     if geometry is None:
         return ["geometry is missing or null"]
@@ -445,6 +471,9 @@ def _geometry_problems(geometry: Any, grid: float) -> list[str]:
         geom = shape(geometry)
     except _UNPARSABLE as exc:
         return [f"geometry cannot be parsed: {exc}"]
+    structure = _structure_problems(geometry)
+    if structure:
+        return structure
     if geom.is_empty:
         return ["geometry is empty"]
     if not geom.is_valid:
@@ -466,7 +495,7 @@ def _classification_problems(value: Any) -> list[str]:
     problems = []
     names = value.get("names")
     has_names = isinstance(names, list) and bool(names)
-    has_names = has_names and all(isinstance(n, str) and n for n in names)
+    has_names = has_names and all(isinstance(n, str) and n for n in cast(list, names))
     if not (isinstance(value.get("name"), str) and value["name"]) and not has_names:
         problems.append("classification has no name")
     if "color" not in value:
@@ -543,7 +572,7 @@ def validate_geojson(path: PathLike, grid: float = QUPATH_GRID) -> list[str]:
         features = _feature_list(data, Path(path))
     except GeoJSONError as exc:
         return [f"file: {exc}"]
-    problems = []
+    problems: list[str] = []
     seen: set[str] = set()
     for i, feature in enumerate(features):
         problems.extend(f"feature {i}: {p}" for p in validate_feature(feature, grid))

@@ -23,6 +23,7 @@ values present 1..K in increasing order and names each class by its value.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import cv2
 import numpy as np
 
 from wsi_amr.images import ImageError
+from wsi_amr.params import require
 from wsi_amr.slide import Slide, SlideError
 from wsi_amr.tiling import Window, sample_mask
 
@@ -210,3 +212,22 @@ def _geojson_mask(path: Path, slide: Slide) -> tuple[LabelMask, list[str]]:
 MASK_IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 MASK_GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")
 MASK_SUFFIXES = MASK_IMAGE_SUFFIXES + MASK_GEOJSON_SUFFIXES
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """A reference mask file and its identity (size, mtime), so that a changed mask makes a slide's
+    outputs out of date."""
+
+    path: str
+    bytes: int
+    mtime: float
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> MaskRef:
+        p = Path(path)
+        require(p.is_file(), f"mask {p}: no such file", "mask")
+        require(p.name.lower().endswith(MASK_SUFFIXES),
+                f"mask {p}: give a label image ({', '.join(MASK_SUFFIXES[:3])}) or QuPath GeoJSON (.geojson)", "mask")
+        st = p.stat()
+        return cls(str(p.resolve()), st.st_size, round(st.st_mtime, 3))

@@ -121,8 +121,9 @@ def read_label_tiff(path: Path, level: int = 0) -> tuple[np.ndarray, dict[str, A
     """The labels of one level of a ``mask.tiff`` and its description (class names, mpp)."""
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[level]
+        first = tif.pages.first
         try:
-            info = json.loads(tif.pages[0].description or "{}")
+            info = json.loads(first.description or "{}")
         except json.JSONDecodeError:
             info = {}
         return page.asarray(), info

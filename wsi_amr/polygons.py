@@ -45,8 +45,8 @@ def polygonal_parts(geom: BaseGeometry | None) -> list[Polygon]:
 
 
 def _scale_xy(scale: Scale) -> tuple[float, float]:
-    sx, sy = (scale, scale) if np.isscalar(scale) else scale  # type: ignore[misc]
-    sx, sy = float(sx), float(sy)
+    pair = (scale, scale) if np.isscalar(scale) else scale
+    sx, sy = (float(v) for v in pair)  # type: ignore[union-attr, arg-type]
     if not (np.isfinite(sx) and np.isfinite(sy) and sx > 0 and sy > 0):
         raise ValueError(f"scale must be positive and finite, got {scale!r}")
     return sx, sy
@@ -284,104 +284,6 @@ def mask_to_polygons(
     polys = _place(polys, np.array([[c0, r0]], dtype=np.float64)[groups], sx, sy, ox, oy)
     polys, _ = _finish(polys, groups, float(simplify), float(min_area))
     return list(polys)
-
-
-# Label atlases are packed up to this many pixels wide and tall (the lattice is 4x that in bytes).
-_ATLAS_SIDE = 4096
-
-
-def _pack_atlas(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Shelf-pack boxes into atlases with a one-pixel gap between boxes.
-
-    The gap keeps objects of different labels from touching, even at a corner, so one trace of an
-    atlas outlines every label separately. Returns each box's atlas index and (column, row) there.
-    """
-    side = max(_ATLAS_SIDE, int(widths.max()) + 1, int(heights.max()) + 1)
-    n = heights.size
-    atlas = np.empty(n, dtype=np.int64)
-    pos = np.empty((n, 2), dtype=np.int64)
-    a = x = y = shelf_h = 0
-    for i in np.argsort(-heights, kind="stable"):  # tall first: shelves waste less
-        h, w = int(heights[i]), int(widths[i])
-        if x + w > side:  # next shelf
-            x, y, shelf_h = 0, y + shelf_h + 1, 0
-        if y + h > side:  # next atlas
-            a, x, y, shelf_h = a + 1, 0, 0, 0
-        atlas[i], pos[i] = a, (x, y)
-        x += w + 1
-        shelf_h = max(shelf_h, h)
-    return atlas, pos
-
-
-def labels_to_polygons(
-    labels: np.ndarray,
-    *,
-    scale: Scale = 1.0,
-    offset: tuple[float, float] = (0.0, 0.0),
-    simplify: float = 0.0,
-    min_area: float = 0.0,
-    background: int = 0,
-) -> dict[int, list[Polygon]]:
-    """Outline every label value of an integer label image (class map or instance map).
-
-    Same coordinates, options and guarantees as :func:`mask_to_polygons`, per label: neighbouring
-    labels share their border exactly. Returns ``{label: polygons}`` in increasing label order for
-    each value other than ``background`` that has pixels (a label whose polygons are all dropped
-    by ``min_area`` maps to an empty list).
-
-    Each label's bounding-box crop is copied into a shared atlas with gaps between crops, and each
-    atlas is traced once, so thousands of instance labels cost about as much as one mask.
-    """
-    arr = _check_mask(labels, "labels")
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-        raise ValueError(f"labels must be an integer array, got {arr.dtype}")
-    sx, sy = _scale_xy(scale)
-    ox, oy = _offset_xy(offset)
-    flat = arr.ravel()
-    pix = np.flatnonzero(flat != background)
-    if pix.size == 0:
-        return {}
-    values = flat[pix]
-    order = np.argsort(values, kind="stable")
-    values, pix = values[order], pix[order]
-    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
-    label_values = values[starts]
-    label_of_pixel = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, values.size]))
-    rows, cols = np.divmod(pix, arr.shape[1])
-    r0 = np.minimum.reduceat(rows, starts)
-    c0 = np.minimum.reduceat(cols, starts)
-    heights = np.maximum.reduceat(rows, starts) - r0 + 1
-    widths = np.maximum.reduceat(cols, starts) - c0 + 1
-
-    atlas_of, pos = _pack_atlas(heights, widths)
-    all_polys, all_groups = [], []
-    for a in range(int(atlas_of.max()) + 1):
-        in_atlas = np.flatnonzero(atlas_of == a)
-        size_h = int((pos[in_atlas, 1] + heights[in_atlas]).max())
-        size_w = int((pos[in_atlas, 0] + widths[in_atlas]).max())
-        canvas = np.zeros((size_h, size_w), dtype=np.uint8)
-        slot = np.full((size_h, size_w), -1, dtype=np.int64)
-        for i in in_atlas:  # slot map: which label's box each atlas pixel belongs to
-            x, y = pos[i]
-            slot[y : y + heights[i], x : x + widths[i]] = i
-        sel = atlas_of[label_of_pixel] == a
-        lab = label_of_pixel[sel]
-        canvas[rows[sel] - r0[lab] + pos[lab, 1], cols[sel] - c0[lab] + pos[lab, 0]] = 1
-        polys, corner = _trace(canvas)
-        groups = slot[corner[:, 1], corner[:, 0]]
-        polys, groups = _split_invalid(polys, groups)
-        # Atlas coordinates back to full-mask pixel edges: subtract the slot, add the box origin.
-        shift = np.stack([c0 - pos[:, 0], r0 - pos[:, 1]], axis=1).astype(np.float64)[groups]
-        all_polys.append(_place(polys, shift, sx, sy, ox, oy))
-        all_groups.append(groups)
-    polys, groups = _finish(
-        np.concatenate(all_polys), np.concatenate(all_groups), float(simplify), float(min_area)
-    )
-
-    result: dict[int, list[Polygon]] = {int(v): [] for v in label_values}
-    for g in np.argsort(groups, kind="stable"):
-        result[int(label_values[groups[g]])].append(polys[g])
-    return result
 
 
 def _iter_polygons(geoms: BaseGeometry | Iterable[BaseGeometry] | None) -> list[Polygon]:

@@ -16,15 +16,25 @@ Z-order (Morton order of their top-left corners), with their geometry (x, y, siz
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import cv2
 import numpy as np
 
+from wsi_amr.labels import MaskRef
+from wsi_amr.params import ParameterError, from_fields, require
+from wsi_amr.slide import DEFAULT_MPP, Resolution
+from wsi_amr.tissue import TissueParams
+
 
 class QuadtreeError(ValueError):
     """Parameters or inputs the quadtree cannot work with; one line for the user."""
+
+
+class QuadtreeParameterError(QuadtreeError, ParameterError):
+    """A :class:`QuadtreeParams` value out of range; names the field."""
 
 
 def is_power_of_two(n: int) -> bool:
@@ -35,12 +45,10 @@ def is_power_of_two(n: int) -> bool:
 class QuadtreeParams:
     """Quadtree settings. Sizes in working pixels (powers of two)."""
 
-    # Defaults: the GlaS testA operating point at its native ~0.62 µm/px (bench/tune_quadtree.py,
-    # docs/benchmarks.md): 23.2x fewer tokens than uniform 8-px patches, round-trip gland Dice
-    # 0.9946 with 8-px tokens (linear detokenising); on GlaS train, not used to choose it: 21.6x,
-    # 0.9952 at threshold 96. Edges at half resolution: blur and Canny cost a quarter of the full-
-    # resolution point (blur 21, Canny 30/60, 192 edge px: 23.7x, 0.9945), with the same leaves'
-    # quality. Model cards written before edge_downsample existed mean 1 (patching_from_card).
+    # Defaults: the GlaS operating point at its native ~0.62 µm/px, chosen by bench/tune_quadtree.py
+    # (token reduction and round-trip Dice in docs/benchmarks.md, "Adaptive quadtree"). Edges at
+    # half resolution cost blur and Canny a quarter of the full-resolution point for leaves of the
+    # same quality. Model cards written before edge_downsample existed mean 1 (patching_from_card).
     min_size: int = 8
     max_size: int = 256
     blur_kernel: int = 21  # Gaussian kernel (odd) at full resolution; 0 or 1: no blur. Wide, so nuclei blur away and gland borders stay
@@ -56,27 +64,86 @@ class QuadtreeParams:
     # (and split_threshold) then counts edge pixels at that resolution. 1: full resolution.
     edge_downsample: int = 2
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        if not is_power_of_two(self.min_size):
-            raise QuadtreeError(f"--min-size must be a power of two, got {self.min_size}")
-        if not is_power_of_two(self.max_size):
-            raise QuadtreeError(f"--max-size must be a power of two, got {self.max_size}")
-        if self.min_size > self.max_size:
-            raise QuadtreeError(f"--min-size ({self.min_size}) is larger than --max-size ({self.max_size})")
-        if self.blur_kernel < 0 or (self.blur_kernel > 1 and self.blur_kernel % 2 == 0):
-            raise QuadtreeError(f"--blur must be 0, 1 or an odd number of pixels, got {self.blur_kernel}")
-        if not 0 <= self.canny_low <= self.canny_high:
-            raise QuadtreeError(f"Canny thresholds must satisfy 0 <= low <= high, got {self.canny_low}/{self.canny_high}")
-        if self.split_threshold < 0:
-            raise QuadtreeError(f"--split-threshold must not be negative, got {self.split_threshold}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise QuadtreeError(f"--max-tokens must be at least 1, got {self.max_tokens}")
-        if not is_power_of_two(self.edge_downsample) or self.edge_downsample > self.min_size:
-            raise QuadtreeError(f"--edge-downsample must be a power of two no larger than --min-size "
-                                f"({self.min_size}), got {self.edge_downsample}")
+        """:class:`QuadtreeParameterError` naming the field unless every value is usable."""
+        def check(ok: bool, message: str, *fields: str) -> None:
+            if not ok:
+                raise QuadtreeParameterError(message, *fields)
+
+        check(is_power_of_two(self.min_size), f"min_size must be a power of two, got {self.min_size}", "min_size")
+        check(is_power_of_two(self.max_size), f"max_size must be a power of two, got {self.max_size}", "max_size")
+        check(self.min_size <= self.max_size, f"min_size ({self.min_size}) is larger than max_size ({self.max_size})",
+              "min_size", "max_size")
+        check(self.blur_kernel >= 0 and (self.blur_kernel <= 1 or self.blur_kernel % 2 == 1),
+              f"blur_kernel must be 0, 1 or an odd number of pixels, got {self.blur_kernel}", "blur_kernel")
+        check(0 <= self.canny_low <= self.canny_high,
+              f"Canny thresholds must satisfy 0 <= canny_low <= canny_high, got {self.canny_low}/{self.canny_high}",
+              "canny_low", "canny_high")
+        check(self.split_threshold >= 0, f"split_threshold must not be negative, got {self.split_threshold}",
+              "split_threshold")
+        check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}",
+              "max_tokens")
+        check(is_power_of_two(self.edge_downsample) and self.edge_downsample <= self.min_size,
+              f"edge_downsample must be a power of two no larger than min_size ({self.min_size}), "
+              f"got {self.edge_downsample}", "edge_downsample", "min_size")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuadtreeParams:
+        return from_fields(cls, data)
+
+
+@dataclass(frozen=True)
+class QuadtreeJobParams:
+    """What ``wsi-amr quadtree`` does to each slide: the tree, the token side for the mask round
+    trip, the window the slide is read in, the working resolution, tissue (None: the whole slide)
+    and an optional reference mask."""
+
+    tree: QuadtreeParams = QuadtreeParams()
+    token_size: int = 8  # the APF paper's main setting
+    window: int = 4096  # working px: ~50 MB of RGB per window, ~0.6 GB peak while its tree is built
+    mpp: float | None = None  # with magnification also None: DEFAULT_MPP
+    magnification: float | None = None
+    tissue: TissueParams | None = TissueParams()
+    mask: MaskRef | None = None
+
+    def __post_init__(self) -> None:
+        if self.mpp is None and self.magnification is None:
+            object.__setattr__(self, "mpp", DEFAULT_MPP)
+        Resolution(self.mpp, self.magnification)
+        require(is_power_of_two(self.token_size), f"token_size must be a power of two, got {self.token_size}",
+                "token_size")
+        m = self.tree.max_size
+        require(self.window >= m and self.window % m == 0,
+                f"window ({self.window}) must be a positive multiple of max_size ({m})", "window", "max_size")
+
+    @property
+    def resolution(self) -> Resolution:
+        return Resolution(self.mpp, self.magnification)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tissue": self.tissue.as_dict() if self.tissue is not None else None,
+            "quadtree": {**self.tree.as_dict(), "token_size": self.token_size, "window": self.window, "mpp": self.mpp,
+                         "magnification": self.magnification},
+            "mask": asdict(self.mask) if self.mask is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuadtreeJobParams:
+        q = data["quadtree"]
+        own = {f.name for f in fields(cls)}
+        return from_fields(cls, {
+            **{k: v for k, v in q.items() if k in own},
+            "tree": QuadtreeParams.from_dict(q),
+            "tissue": TissueParams.from_dict(data["tissue"]) if data.get("tissue") is not None else None,
+            "mask": MaskRef(**data["mask"]) if data.get("mask") else None,
+        })
 
 
 @dataclass
@@ -328,44 +395,72 @@ def _budget_tree(e_int: np.ndarray, t_int: np.ndarray, x: np.ndarray, y: np.ndar
     2 short), or every leaf at ``min_size`` when the budget exceeds that.
     """
     assert p.max_tokens is not None
+    leaves, _, _ = greedy_budget(e_int, t_int, x, y, p, p.max_tokens)
+    if not leaves:
+        return Leaves.empty()
+    arr = np.array(leaves, np.float64)
+    return Leaves(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.int64),
+                  arr[:, 3].astype(np.int16), arr[:, 4].astype(np.float32))
+
+
+def greedy_budget(
+    e_int: np.ndarray, t_int: np.ndarray, x: np.ndarray, y: np.ndarray, p: QuadtreeParams, cap: int,
+    max_splits: int | None = None, stop_below: float = -math.inf,
+) -> tuple[list[tuple[int, int, int, int, float]], list[float], list[int]]:
+    """The budget process from the ``max_size`` roots at (x, y): split the most detailed
+    splittable leaf (ties: the earlier leaf) while fewer than ``cap`` leaves exist, for at most
+    ``max_splits`` splits, while the running minimum of the split scores stays at or above
+    ``stop_below``. ``e_int``/``t_int`` are integrals of edge pixels and tissue per ``min_size``
+    cell. Returns the leaves (x, y, size, depth, detail), each split's score and leaf-count change;
+    a split that was due but would pass ``cap`` ends the lists with a change of ``cap + 1``."""
+    m = p.min_size
     s = np.full(len(x), p.max_size, np.int64)
-    keep = box_sums(t_int, x, y, s, p.min_size) > 0
+    keep = box_sums(t_int, x, y, s, m) > 0
     x, y, s = x[keep], y[keep], s[keep]
-    score = detail_score(box_sums(e_int, x, y, s, p.min_size), s, p.normalise)
-    # Leaves live in dicts keyed by an id; the heap holds splittable ones by -score.
+    score = detail_score(box_sums(e_int, x, y, s, m), s, p.normalise)
+    # Leaves live in a dict keyed by an id; the heap holds splittable ones by -score.
     leaves: dict[int, tuple[int, int, int, int, float]] = {}
     heap: list[tuple[float, int]] = []
     next_id = 0
     for xi, yi, si, sc in zip(x.tolist(), y.tolist(), s.tolist(), score.tolist()):
         leaves[next_id] = (xi, yi, si, 0, sc)
-        if si > p.min_size:
+        if si > m:
             heapq.heappush(heap, (-sc, next_id))
         next_id += 1
-    budget = p.max_tokens
-    while heap and len(leaves) < budget:
+    scores: list[float] = []
+    deltas: list[int] = []
+    lowest = math.inf  # the running minimum: a split's rank among all windows' splits
+    while heap and (max_splits is None or len(scores) < max_splits):
         neg, lid = heap[0]
+        lowest = min(lowest, -neg)
+        if lowest < stop_below:
+            break
+        if len(leaves) >= cap:
+            scores.append(-neg)
+            deltas.append(cap + 1)
+            break
         xi, yi, si, di, _ = leaves[lid]
         h = si // 2
         cx = np.array([xi, xi + h, xi, xi + h], np.int64)
         cy = np.array([yi, yi, yi + h, yi + h], np.int64)
         cs = np.full(4, h, np.int64)
-        has = box_sums(t_int, cx, cy, cs, p.min_size) > 0
+        has = box_sums(t_int, cx, cy, cs, m) > 0
         n_children = int(has.sum())
-        if len(leaves) - 1 + n_children > budget:
+        if len(leaves) - 1 + n_children > cap:
+            scores.append(-neg)
+            deltas.append(cap + 1)
             break
         heapq.heappop(heap)
         del leaves[lid]
-        csc = detail_score(box_sums(e_int, cx, cy, cs, p.min_size), cs, p.normalise)
+        scores.append(-neg)
+        deltas.append(n_children - 1)
+        csc = detail_score(box_sums(e_int, cx, cy, cs, m), cs, p.normalise)
         for k in np.flatnonzero(has).tolist():
             leaves[next_id] = (int(cx[k]), int(cy[k]), h, di + 1, float(csc[k]))
-            if h > p.min_size:
+            if h > m:
                 heapq.heappush(heap, (-float(csc[k]), next_id))
             next_id += 1
-    if not leaves:
-        return Leaves.empty()
-    arr = np.array(list(leaves.values()), np.float64)
-    return Leaves(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.int64),
-                  arr[:, 3].astype(np.int16), arr[:, 4].astype(np.float32))
+    return list(leaves.values()), scores, deltas
 
 
 def uniform_leaves(shape: tuple[int, int], size: int, tissue: np.ndarray | None = None) -> Leaves:

@@ -26,21 +26,16 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wsi_amr.params import naming, require, require_positive
+
 # Extensions searched for when a folder is given as input.
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
     ".dcm", ".qptiff", ".btf", ".ome.tif", ".ome.tiff",
 )
 
-#: How a "finer than level 0" message ends for commands that take --mpp or --magnification.
-COARSER_OPTION = "choose a coarser --mpp or --magnification"
-
-
-def coarser_model(command: str, mpp: float, works: str = "works") -> str:
-    """How that message ends for a command whose resolution is its model's (``segment``,
-    ``classify``): the model's resolution, and the training option that sets it."""
-    return (f"the model {works} at {mpp:g} µm/px; {command} this slide with a model trained at its "
-            f"resolution or coarser (train {command} --mpp)")
+#: How a "finer than level 0" message ends by default (it names the parameters mpp and magnification).
+COARSER_OPTION = "choose a coarser mpp or magnification"
 
 
 # A target resolution this much finer than level 0 is refused rather than silently upsampled.
@@ -55,6 +50,10 @@ class MissingMppError(SlideError):
     """The slide records no pixel size and the command needs one."""
 
 
+#: The working resolution of the per-slide commands when neither mpp nor magnification is given.
+DEFAULT_MPP = 0.5
+
+
 @dataclass(frozen=True)
 class Resolution:
     """A requested working resolution: microns per pixel, or an objective magnification."""
@@ -63,11 +62,10 @@ class Resolution:
     magnification: float | None = None
 
     def __post_init__(self) -> None:
-        if self.mpp is not None and self.magnification is not None:
-            raise ValueError("give either --mpp or --magnification, not both")
-        for name, value in (("--mpp", self.mpp), ("--magnification", self.magnification)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value}")
+        require(self.mpp is None or self.magnification is None, "give either mpp or magnification, not both",
+                "mpp", "magnification")
+        require_positive("mpp", self.mpp)
+        require_positive("magnification", self.magnification)
 
     def describe(self) -> str:
         if self.mpp is not None:
@@ -118,19 +116,19 @@ class Slide(ABC):
 
     @property
     def mpp(self) -> tuple[float, float] | None:
-        """Level-0 (mpp_x, mpp_y) in µm/px: ``--slide-mpp`` when given, else the file's value."""
+        """Level-0 (mpp_x, mpp_y) in µm/px: ``slide_mpp`` (the override) when given, else the file's value."""
         if self.mpp_override is not None:
             return (self.mpp_override, self.mpp_override)
         return self.file_mpp
 
     def require_mpp(self) -> float:
-        """Mean level-0 µm/px, or :class:`MissingMppError` naming ``--slide-mpp``."""
+        """Mean level-0 µm/px, or :class:`MissingMppError` naming the ``slide_mpp`` override."""
         mpp = self.mpp
         if mpp is None:
-            raise MissingMppError(
+            raise naming(MissingMppError(
                 f"{self.name}: the slide records no pixel size (mpp); "
-                "give it with --slide-mpp (e.g. --slide-mpp 0.25 for 40x, 0.5 for 20x)"
-            )
+                "give it with slide_mpp (e.g. 0.25 µm/px for 40x, 0.5 for 20x)"
+            ), "slide_mpp")
         return (mpp[0] + mpp[1]) / 2.0
 
     def downsample_for(self, resolution: Resolution, remedy: str = COARSER_OPTION) -> float:
@@ -145,18 +143,18 @@ class Slide(ABC):
                 # Without a recorded objective, use the usual scanner convention 10x ~ 1 µm/px.
                 ds = (10.0 / resolution.magnification) / self.require_mpp()
             else:
-                raise MissingMppError(
+                raise naming(MissingMppError(
                     f"{self.name}: the slide records neither objective power nor pixel size; "
-                    "give --slide-mpp, or choose the resolution with --mpp"
-                )
+                    "give slide_mpp, or choose the resolution with mpp"
+                ), "slide_mpp", "mpp")
         else:
             ds = 1.0
         if ds < 1.0 / _UPSAMPLE_TOLERANCE:
             finest = f"{self.mpp[0]:.4g} µm/px" if self.mpp else "level 0"
-            raise SlideError(
+            raise naming(SlideError(
                 f"{self.name}: {resolution.describe()} is finer than the slide's level 0 "
                 f"({finest}); {remedy}"
-            )
+            ), "mpp", "magnification")
         # Within the tolerance, read level 0 as is rather than resample by a few percent.
         return max(ds, 1.0)
 
@@ -638,7 +636,7 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None) -> Slide:
     if p.is_dir() and p.suffix.lower() not in (".mrxs",):
         raise SlideError(f"{p}: is a folder, not a slide")
     if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
-        raise SlideError(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
+        raise naming(SlideError(f"slide_mpp must be a positive number of µm/px, got {slide_mpp}"), "slide_mpp")
     reasons: list[str] = []
     for backend in (OpenSlideSlide, TiffSlide):
         try:

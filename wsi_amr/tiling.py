@@ -15,7 +15,51 @@ import cv2
 import numpy as np
 
 from wsi_amr.outputs import atomic_path
-from wsi_amr.slide import Slide
+from wsi_amr.params import ParameterError, from_fields, require, require_fraction, require_one_of
+from wsi_amr.slide import DEFAULT_MPP, Resolution, Slide
+from wsi_amr.tissue import TissueParams
+
+
+@dataclass(frozen=True)
+class TileParams:
+    """What ``wsi-amr tile`` does to each slide. ``tissue`` None: tile the whole slide."""
+
+    tissue: TissueParams | None = TissueParams()
+    mpp: float | None = None  # with magnification also None: DEFAULT_MPP
+    magnification: float | None = None
+    size: int = 256
+    overlap: int = 0
+    min_tissue: float = 0.5
+    save_images: bool = False
+    image_format: str = "jpeg"  # or png; jpg is taken as jpeg
+    quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.mpp is None and self.magnification is None:
+            object.__setattr__(self, "mpp", DEFAULT_MPP)
+        Resolution(self.mpp, self.magnification)
+        if self.image_format == "jpg":
+            object.__setattr__(self, "image_format", "jpeg")
+        require(self.size >= 1, f"size must be at least 1 px, got {self.size}", "size")
+        require(0 <= self.overlap < self.size, f"overlap ({self.overlap}) must be from 0 to below size ({self.size})",
+                "overlap", "size")
+        require_fraction("min_tissue", self.min_tissue)
+        require_one_of("image_format", self.image_format, ("png", "jpeg"))
+        require(1 <= self.quality <= 100, f"quality must be from 1 to 100, got {self.quality}", "quality")
+
+    @property
+    def resolution(self) -> Resolution:
+        return Resolution(self.mpp, self.magnification)
+
+    def as_dict(self) -> dict[str, Any]:
+        tile = {f: getattr(self, f) for f in ("mpp", "magnification", "size", "overlap", "min_tissue", "save_images",
+                                              "image_format", "quality")}
+        return {"tissue": self.tissue.as_dict() if self.tissue is not None else None, "tile": tile}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TileParams:
+        tissue = TissueParams.from_dict(data["tissue"]) if data.get("tissue") is not None else None
+        return from_fields(cls, {**data["tile"], "tissue": tissue})
 
 
 @dataclass(frozen=True)
@@ -95,7 +139,7 @@ def tile_grid(
     With no ``tissue_mask`` every whole tile is kept (fraction 1.0); ``min_tissue`` 0 keeps all.
     """
     if not 0.0 <= min_tissue <= 1.0:
-        raise ValueError(f"--min-tissue must be between 0 and 1, got {min_tissue}")
+        raise ParameterError(f"min_tissue must be between 0 and 1, got {min_tissue}", "min_tissue")
     coords = grid_coords(width0, height0, size, overlap, downsample)
     if tissue_mask is None:
         frac = np.ones(len(coords))

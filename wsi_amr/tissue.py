@@ -15,6 +15,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from wsi_amr.params import from_fields, require, require_one_of, require_positive
 from wsi_amr.slide import Slide
 
 Modality = Literal["auto", "brightfield", "fluorescence"]
@@ -33,8 +34,8 @@ class TissueParams:
     # Otsu assumes two populations; on an image that is all tissue (or all glass) it splits noise.
     # Clipping keeps it sensible: glass is below ~10 saturation. The cap is low because Otsu on a
     # slide with much well-stained tissue lands between pale and dark tissue (40-60), not between
-    # glass and tissue, and drops pale regions whole (faint H&E, IHC counterstain): at 40 an
-    # OME-TIFF IHC sample lost a third of its tissue and the GlaS benchmark slide 9% of its glands.
+    # glass and tissue, and drops pale regions whole (faint H&E, IHC counterstain; docs/benchmarks.md,
+    # "Tissue detection threshold").
     max_threshold: float = 15.0
     detection_mpp: float = 8.0  # µm/px of the image detection runs on
     blur_um: float = 40.0  # median blur kernel width
@@ -42,8 +43,23 @@ class TissueParams:
     min_area_um2: float = 5_000.0  # drop tissue pieces smaller than this
     min_hole_um2: float = 5_000.0  # fill holes smaller than this
 
-    def as_dict(self) -> dict[str, object]:
+    def __post_init__(self) -> None:
+        require_one_of("modality", self.modality, ("auto", "brightfield", "fluorescence"))
+        require(self.threshold is None or 0 <= self.threshold <= 255,
+                f"threshold must be between 0 and 255, got {self.threshold}", "threshold")
+        for name in ("min_area_um2", "min_hole_um2"):
+            value = getattr(self, name)
+            require(value >= 0, f"{name} must not be negative, got {value}", name)
+        for name in ("detection_mpp", "blur_um"):
+            require_positive(name, getattr(self, name))
+        require(self.close_um >= 0, f"close_um must not be negative, got {self.close_um}", "close_um")
+
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TissueParams:
+        return from_fields(cls, data)
 
 
 def is_fluorescence(rgb: np.ndarray) -> bool:
@@ -96,7 +112,7 @@ def detect_tissue(
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close))
         # Pad so closing does not glue tissue to the image border.
         pad = close
-        padded = cv2.copyMakeBorder(mask.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, 0)
+        padded = cv2.copyMakeBorder(mask.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
         padded = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)
         mask = padded[pad:-pad, pad:-pad].astype(bool)
     px_area = mpp * mpp

@@ -76,7 +76,7 @@ def _box_levels(img: np.ndarray, p: int, largest: int) -> dict[int, np.ndarray]:
         levels[s] = np.empty((h // s * p, w // s * p, c), np.float32)
         s *= 2
     for y0 in range(0, h, largest):  # the last strip may be shorter: it holds smaller leaves only
-        level = img[y0:y0 + largest, : w // 2 * 2].astype(np.float32)
+        level: np.ndarray = img[y0:y0 + largest, : w // 2 * 2].astype(np.float32)
         y1 = y0 + level.shape[0]
         s = p
         while s < largest and level.shape[0] >= 2:

@@ -19,6 +19,7 @@ from wsi_amr.ddp import Group
 from wsi_amr.devices import DeviceError, resolve_device
 from wsi_amr.errors import TrainingDataError, TrainingError, TrainingInputError
 from wsi_amr.outputs import OutputFolderError, atomic_path, check_output_folder, write_json_atomic, write_text_atomic
+from wsi_amr.params import carry, naming
 
 STATE_FORMAT = "wsi-amr-training-state"
 STATE_VERSION = 1
@@ -114,7 +115,8 @@ def load_training_state(out: Path, model: torch.nn.Module, optimizer: torch.opti
 
     doc_path, weights = out / "last-state.json", out / "last-state.safetensors"
     if not doc_path.exists():
-        raise TrainingInputError(f"--resume: nothing to resume in {out} (no last-state.json); run without --resume")
+        raise naming(TrainingInputError(f"resume: nothing to resume in {out} (no last-state.json); run without it"),
+                     "resume")
     try:
         doc = json.loads(doc_path.read_text())
     except (OSError, ValueError) as exc:
@@ -122,12 +124,12 @@ def load_training_state(out: Path, model: torch.nn.Module, optimizer: torch.opti
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or doc.get("version") != STATE_VERSION:
         raise TrainingDataError(f"{doc_path}: not a wsi-amr training state (version {STATE_VERSION})")
     if not weights.exists() or file_sha256(weights) != doc.get("tensors_sha256"):
-        raise TrainingDataError(f"{weights}: missing or does not match {doc_path.name} (interrupted while saving?); "
-                                "start again with --overwrite")
+        raise naming(TrainingDataError(f"{weights}: missing or does not match {doc_path.name} (interrupted while saving?); "
+                                "start again with overwrite"), "overwrite")
     for key, value in expect.items():
         if doc.get(key) != value:
-            raise TrainingInputError(f"--resume: {out} was trained with {key} {doc.get(key)!r}, this command "
-                                     f"gives {value!r}; use the same options, or --overwrite to start again")
+            raise naming(TrainingInputError(f"resume: {out} was trained with {key} {doc.get(key)!r}, this command "
+                                     f"gives {value!r}; use the same options, or overwrite to start again"), "resume", "overwrite")
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
@@ -169,7 +171,7 @@ def check_output(out: Path) -> None:
     try:
         check_output_folder(out)
     except OutputFolderError as exc:
-        raise TrainingInputError(str(exc)) from None
+        raise carry(TrainingInputError(str(exc)), exc) from None
 
 
 RUN_FILES = ("last-state.json", "last-state.safetensors", "last.json", "last.safetensors",
@@ -180,8 +182,8 @@ def check_previous_run(cfg: Any) -> None:
     """Refuse an OUT that holds another run unless resuming it; on overwrite remove its files."""
     previous = [n for n in RUN_FILES if (cfg.out / n).exists()]
     if previous and not cfg.resume and not cfg.overwrite:
-        raise TrainingInputError(f"{cfg.out}: already holds a training run ({previous[0]}); continue it with "
-                                 "--resume, or start again with --overwrite")
+        raise naming(TrainingInputError(f"{cfg.out}: already holds a training run ({previous[0]}); continue it with "
+                                 "resume, or start again with overwrite"), "resume", "overwrite")
     if cfg.overwrite:
         for name in previous:
             with contextlib.suppress(FileNotFoundError):
@@ -240,10 +242,10 @@ def run_folder(cfg: Any) -> Iterator[tuple[torch.device, Group]]:
         group = group_from_env()
         device = process_device(resolve_device(cfg.device), cfg.device, group)
     except (GroupError, DeviceError) as exc:
-        raise TrainingInputError(str(exc)) from None
+        raise carry(TrainingInputError(str(exc)), exc) from None
     if cfg.batch_size < group.world:
-        raise TrainingInputError(f"--batch-size {cfg.batch_size} is the batch of the whole step, shared by "
-                                 f"{group.world} processes: give at least {group.world}")
+        raise naming(TrainingInputError(f"batch_size {cfg.batch_size} is the batch of the whole step, shared by "
+                                 f"{group.world} processes: give at least {group.world}"), "batch_size")
     with process_group(group, device), contextlib.ExitStack() as stack:
         error: TrainingError | None = None
         if group.is_main:

@@ -6,8 +6,9 @@ Options shared by several commands are defined once below and reused, so every s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,128 +17,68 @@ import typer
 
 from wsi_amr import __version__
 from wsi_amr.cli.evaluate import evaluate
+from wsi_amr.cli.options import (
+    APP_SETTINGS,
+    QUADTREE_FLAGS,
+    BatchArgs,
+    Blur,
+    CannyHigh,
+    CannyLow,
+    Device,
+    EdgeDownsample,
+    Inputs,
+    JsonLines,
+    Magnification,
+    MaxSize,
+    MaxTokens,
+    MinSize,
+    Mpp,
+    Normalise,
+    NoTissue,
+    Out,
+    SlideMpp,
+    SplitThreshold,
+    TissueArgs,
+    build,
+    command_line,
+    fail_usage,
+    quadtree_params,
+    with_group,
+)
 from wsi_amr.cli.train import train_app
-from wsi_amr.labels import MASK_SUFFIXES
+from wsi_amr.labels import MaskRef
 from wsi_amr.outputs import OutputFolderError, check_output_folder
-from wsi_amr.quadtree import QuadtreeError, QuadtreeParams, is_power_of_two
+from wsi_amr.params import flag_text
+from wsi_amr.quadtree import QuadtreeJobParams, QuadtreeParams
 from wsi_amr.run.inputs import resolve_inputs
 from wsi_amr.run.progress import BatchProgress
 from wsi_amr.run.runner import BatchOptions, append_summary, make_tasks, parse_shard, run_batch, shard_from_env
-from wsi_amr.run.task import InputError, SlideResult
+from wsi_amr.run.task import InputError, JobParams, SlideResult
 from wsi_amr.slide import SlideError, open_slide
-from wsi_amr.tissue import TissueParams
+from wsi_amr.tiling import TileParams
 
 app = typer.Typer(
     name="wsi-amr",
     help="Adaptive patching and Iterative Patch Selection for whole-slide images.\n\n"
     "Example: wsi-amr tile slides/ -o out --mpp 0.5 --size 256",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **APP_SETTINGS,
 )
 
-# -- shared options ---------------------------------------------------------------------------
-Inputs = Annotated[
-    list[str],
-    typer.Argument(help="Slides, folders (searched recursively), globs, or - to read paths from stdin.",
-                   show_default=False),
-]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder; each slide gets OUT/<slide-stem>/.")]
-Jobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Slides processed in parallel (extra workers "
-                                   "speed up a single slide's tile reads).")]
-Shard = Annotated[str | None, typer.Option(
-    "--shard", metavar="I/N", help="Process only share I of N (counted from 0) of the sorted slide list, so that N "
-    "runs split a batch: e.g. --shard 0/4 on one machine, 1/4 on another. Default: the Slurm job-array task "
-    "(SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT) when set; --shard 0/1 processes every slide.",
-    show_default=False)]
-Scheduler = Annotated[str | None, typer.Option(
-    "--scheduler", metavar="ADDRESS", help="Send slides to a Dask cluster (pip install \"wsi-amr[dask]\"): "
-    "tcp://HOST:PORT of a running scheduler, its scheduler file, or local:N to start N worker processes here. "
-    "Example: --scheduler tcp://10.0.0.5:8786", show_default=False)]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo slides whose outputs are already complete.")]
-JsonLines = Annotated[bool, typer.Option("--json", help="Write one JSON line per slide on stdout.")]
-SlideMpp = Annotated[float | None, typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose "
-                                                   "scanner recorded none (overrides the file).")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
-Device = Annotated[str, typer.Option("--device", help="Where the model runs: auto (a GPU when there is one), cpu, "
-                                   "cuda, cuda:N or mps. One process per GPU: --device cuda:K in each (see --shard).")]
-Mpp = Annotated[float | None, typer.Option("--mpp", help="Working resolution in µm/px \\[default: 0.5].")]
-Magnification = Annotated[float | None, typer.Option("--magnification", "--mag",
-                                                        help="Working resolution as objective magnification (e.g. 20).")]
-Modality = Annotated[str, typer.Option("--modality", help="brightfield (stained, white background), "
-                                       "fluorescence (dark background), or auto.")]
-TissueThreshold = Annotated[float | None, typer.Option("--tissue-threshold", help="Fixed threshold (0-255) "
-                                                          "on saturation/brightness instead of Otsu.")]
-MinTissueArea = Annotated[float, typer.Option("--min-area", help="Drop tissue pieces smaller than this (µm²).")]
-MinHoleArea = Annotated[float, typer.Option("--min-hole", help="Fill holes in tissue smaller than this (µm²).")]
-NoTissue = Annotated[bool, typer.Option("--no-tissue", help="Use the whole slide, no tissue detection.")]
-# Adaptive quadtree (shared by every command that patches with it); defaults from QuadtreeParams.
-MinSize = Annotated[int, typer.Option("--min-size", help="Smallest leaf, working px (a power of two).")]
-MaxSize = Annotated[int, typer.Option("--max-size", help="Largest leaf (the root), working px (a power of two).")]
-TokenSize = Annotated[int, typer.Option("--token-size", help="Side every leaf is resized to, px (a power of "
-                                        "two); used by the --mask round trip.")]
-SplitThreshold = Annotated[float, typer.Option("--split-threshold", help="Split a leaf while its edge pixels "
-                                               "exceed this (a count, or per pixel of the leaf with --normalise).")]
-Normalise = Annotated[bool, typer.Option("--normalise/--no-normalise", help="Divide a leaf's edge count by its "
-                                         "area, so --split-threshold means the same at every size.")]
-MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Budget mode: split the most detailed leaf "
-                                                  "until N leaves exist (instead of --split-threshold). One "
-                                                  "budget for the whole slide, as one tree over it would give, "
-                                                  "however many windows it is read in.", show_default=False)]
-BlurKernel = Annotated[int, typer.Option("--blur", help="Gaussian blur before Canny, px (odd; 0 or 1: none).")]
-CannyLow = Annotated[float, typer.Option("--canny-low", help="Canny lower hysteresis threshold.")]
-CannyHigh = Annotated[float, typer.Option("--canny-high", help="Canny upper hysteresis threshold.")]
-EdgeDownsample = Annotated[int, typer.Option("--edge-downsample", help="Find edges at 1/N resolution (power of "
-                                             "two, at most --min-size): blur and Canny cost 1/N^2; edge "
-                                             "counts, and --split-threshold, are at that resolution.")]
 WindowSize = Annotated[int, typer.Option("--window", help="Process the slide in windows of this many working px "
                                      "(a multiple of --max-size); bounds memory.")]
 
 DEFAULT_OUT = Path("wsi-amr-out")
-DEFAULT_TOKEN_SIZE = 8  # the APF paper's main setting
-DEFAULT_WINDOW = 4096  # working px: ~50 MB of RGB per window, ~0.6 GB peak while its tree is built
+_QUADTREE_JOB = QuadtreeJobParams()
 
 
-def _fail_usage(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["wsi-amr", *sys.argv[1:]])
-
-
-def _tissue_params(modality: str, threshold: float | None, min_area: float, min_hole: float) -> TissueParams:
-    if modality not in ("auto", "brightfield", "fluorescence"):
-        _fail_usage(f"--modality must be auto, brightfield or fluorescence, not {modality!r}")
-    if threshold is not None and not 0 <= threshold <= 255:
-        _fail_usage(f"--tissue-threshold must be between 0 and 255, got {threshold}")
-    if min_area < 0 or min_hole < 0:
-        _fail_usage("--min-area and --min-hole must not be negative")
-    return TissueParams(modality=modality, threshold=threshold, min_area_um2=min_area, min_hole_um2=min_hole)  # type: ignore[arg-type]
-
-
-def run_slides(
-    command: str,
-    inputs: list[str],
-    params: dict[str, Any],
-    *,
-    out: Path,
-    jobs: int,
-    overwrite: bool,
-    json_lines: bool,
-    slide_mpp: float | None,
-    debug: bool,
-    shard: str | None = None,
-    scheduler: str | None = None,
-) -> None:
+def run_slides(command: str, inputs: list[str], params: JobParams, *, out: Path, batch: BatchArgs) -> None:
     """Resolve inputs, run ``command`` on every slide of this run's shard (locally, or on the Dask
     cluster at ``scheduler``), report, and exit with the batch status."""
+    jobs, scheduler, slide_mpp = batch.jobs, batch.scheduler, batch.slide_mpp
     if slide_mpp is not None and not slide_mpp > 0:
-        _fail_usage(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
+        fail_usage(f"--slide-mpp must be a positive number of µm/px, got {slide_mpp}")
     try:
-        share = parse_shard(shard) if shard is not None else shard_from_env()
+        share = parse_shard(batch.shard) if batch.shard is not None else shard_from_env()
         if scheduler is not None:
             if jobs > 1:
                 raise InputError("give --jobs (processes on this machine) or --scheduler (a Dask cluster), not both")
@@ -145,7 +86,7 @@ def run_slides(
 
             check_scheduler(scheduler)
     except InputError as exc:
-        _fail_usage(str(exc))
+        fail_usage(flag_text(exc))
     slides, problems = resolve_inputs(inputs, exclude=out)
     for p in problems:
         typer.echo(f"error: {p}", err=True)
@@ -155,9 +96,9 @@ def run_slides(
     try:
         check_output_folder(out)
     except OutputFolderError as exc:
-        _fail_usage(str(exc))
-    opts = BatchOptions(out=out, jobs=jobs, overwrite=overwrite, slide_mpp=slide_mpp, debug=debug,
-                        command_line=_command_line(), shard=share, scheduler=scheduler)
+        fail_usage(flag_text(exc))
+    opts = BatchOptions(out=out, jobs=jobs, overwrite=batch.overwrite, slide_mpp=slide_mpp, debug=batch.debug,
+                        command_line=command_line(), shard=share, scheduler=scheduler)
     tasks, clashes = make_tasks(command, slides, params, opts)
     label = command if share is None else f"{command} (shard {share[0]}/{share[1]} of {len(slides)} slides)"
     if not tasks and not clashes:
@@ -165,7 +106,7 @@ def run_slides(
         raise typer.Exit(1 if problems else 0)
 
     def report(res: SlideResult) -> None:
-        if json_lines:
+        if batch.json_lines:
             sys.stdout.write(json.dumps(res.to_json(), default=str) + "\n")
             sys.stdout.flush()
 
@@ -178,7 +119,7 @@ def run_slides(
         typer.echo("interrupted: finished slides are kept; run the same command again to continue", err=True)
         raise typer.Exit(130) from None
     except InputError as exc:  # the scheduler could not be reached: nothing ran
-        _fail_usage(str(exc))
+        fail_usage(flag_text(exc))
     results = clashes + results
     append_summary(out, results)
     n_bad = _print_summary(label, results, problems, out)
@@ -239,7 +180,7 @@ def info(
             with open_slide(path, slide_mpp=slide_mpp) as slide:
                 meta = slide.info()
         except SlideError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {flag_text(exc)}", err=True)
             failed += 1
             continue
         if json_out:
@@ -258,31 +199,25 @@ def info(
 
 
 @app.command()
+@with_group("batch", BatchArgs)
+@with_group("tissue", TissueArgs)
 def tissue(
     inputs: Inputs,
     out: Out = DEFAULT_OUT,
-    modality: Modality = "auto",
-    tissue_threshold: TissueThreshold = None,
-    min_area: MinTissueArea = TissueParams.min_area_um2,
-    min_hole: MinHoleArea = TissueParams.min_hole_um2,
-    jobs: Jobs = 1,
-    shard: Shard = None,
-    scheduler: Scheduler = None,
-    overwrite: Overwrite = False,
-    json_lines: JsonLines = False,
-    slide_mpp: SlideMpp = None,
-    debug: Debug = False,
+    *,
+    tissue: TissueArgs,
+    batch: BatchArgs,
 ) -> None:
     """Detect tissue: OUT/<stem>/tissue.geojson (QuPath annotations) and tissue.png.
 
     Example: wsi-amr tissue slides/*.svs -o out
     """
-    params = _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict()
-    run_slides("tissue", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
+    run_slides("tissue", inputs, tissue.params(), out=out, batch=batch)
 
 
 @app.command()
+@with_group("batch", BatchArgs)
+@with_group("tissue", TissueArgs)
 def tile(
     inputs: Inputs,
     out: Out = DEFAULT_OUT,
@@ -297,59 +232,23 @@ def tile(
                                               "in OUT/<stem>/tiles/<x>_<y>.<ext>.")] = False,
     image_format: Annotated[str, typer.Option("--image-format", help="jpeg (fast, small) or png (lossless).")] = "jpeg",
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")] = 90,
-    modality: Modality = "auto",
-    tissue_threshold: TissueThreshold = None,
-    min_area: MinTissueArea = TissueParams.min_area_um2,
-    min_hole: MinHoleArea = TissueParams.min_hole_um2,
-    jobs: Jobs = 1,
-    shard: Shard = None,
-    scheduler: Scheduler = None,
-    overwrite: Overwrite = False,
-    json_lines: JsonLines = False,
-    slide_mpp: SlideMpp = None,
-    debug: Debug = False,
+    *,
+    tissue: TissueArgs,
+    batch: BatchArgs,
 ) -> None:
     """Uniform tiles over tissue: OUT/<stem>/tiles.h5 (CLAM/TRIDENT coords) and tiles.png.
 
     Example: wsi-amr tile slides/ -o out --mpp 0.5 --size 256 --save-images
     """
-    if mpp is not None and magnification is not None:
-        _fail_usage("give either --mpp or --magnification, not both")
-    for name, value in (("--mpp", mpp), ("--magnification", magnification)):
-        if value is not None and not value > 0:
-            _fail_usage(f"{name} must be a positive number, got {value}")
-    if mpp is None and magnification is None:
-        mpp = 0.5
-    if overlap >= size:
-        _fail_usage(f"--overlap ({overlap}) must be smaller than --size ({size})")
-    if not 0.0 <= min_tissue <= 1.0:
-        _fail_usage(f"--min-tissue must be between 0 and 1, got {min_tissue}")
-    if image_format not in ("png", "jpeg", "jpg"):
-        _fail_usage(f"--image-format must be png or jpeg, not {image_format!r}")
-    tissue_p = None if no_tissue else _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict()
-    params = {
-        "tissue": tissue_p,
-        "tile": {
-            "mpp": mpp, "magnification": magnification, "size": size, "overlap": overlap,
-            "min_tissue": min_tissue, "save_images": save_images,
-            "image_format": "jpeg" if image_format == "jpg" else image_format, "quality": quality,
-        },
-    }
-    run_slides("tile", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
-
-
-def _working_resolution(mpp: float | None, magnification: float | None) -> tuple[float | None, float | None]:
-    """(mpp, magnification) after checks; --mpp 0.5 when neither is given."""
-    if mpp is not None and magnification is not None:
-        _fail_usage("give either --mpp or --magnification, not both")
-    for name, value in (("--mpp", mpp), ("--magnification", magnification)):
-        if value is not None and not value > 0:
-            _fail_usage(f"{name} must be a positive number, got {value}")
-    return (0.5 if mpp is None and magnification is None else mpp), magnification
+    params = build(TileParams, None, tissue=None if no_tissue else tissue.params(), mpp=mpp,
+                   magnification=magnification, size=size, overlap=overlap, min_tissue=min_tissue,
+                   save_images=save_images, image_format=image_format, quality=quality)
+    run_slides("tile", inputs, params, out=out, batch=batch)
 
 
 @app.command()
+@with_group("batch", BatchArgs)
+@with_group("tissue", TissueArgs)
 def quadtree(
     inputs: Inputs,
     out: Out = DEFAULT_OUT,
@@ -357,31 +256,24 @@ def quadtree(
     magnification: Magnification = None,
     min_size: MinSize = QuadtreeParams.min_size,
     max_size: MaxSize = QuadtreeParams.max_size,
-    token_size: TokenSize = DEFAULT_TOKEN_SIZE,
+    token_size: Annotated[int, typer.Option("--token-size", help="Side every leaf is resized to, px (a power of "
+                                            "two); used by the --mask round trip.")] = _QUADTREE_JOB.token_size,
     split_threshold: SplitThreshold = QuadtreeParams.split_threshold,
     normalise: Normalise = QuadtreeParams.normalise,
     max_tokens: MaxTokens = QuadtreeParams.max_tokens,
-    blur: BlurKernel = QuadtreeParams.blur_kernel,
+    blur: Blur = QuadtreeParams.blur_kernel,
     canny_low: CannyLow = QuadtreeParams.canny_low,
     canny_high: CannyHigh = QuadtreeParams.canny_high,
     edge_downsample: EdgeDownsample = QuadtreeParams.edge_downsample,
-    window: WindowSize = DEFAULT_WINDOW,
+    window: WindowSize = _QUADTREE_JOB.window,
     mask: Annotated[Path | None, typer.Option(
         "--mask", help="Reference labels to check the leaves against: a label image (PNG/TIFF) of the "
         "slide's level-0 size or an integer downsample of it, or QuPath GeoJSON. Reports mask_dice, "
         "the Dice of the mask pushed through the tokens and back.", show_default=False)] = None,
     no_tissue: NoTissue = False,
-    modality: Modality = "auto",
-    tissue_threshold: TissueThreshold = None,
-    min_area: MinTissueArea = TissueParams.min_area_um2,
-    min_hole: MinHoleArea = TissueParams.min_hole_um2,
-    jobs: Jobs = 1,
-    shard: Shard = None,
-    scheduler: Scheduler = None,
-    overwrite: Overwrite = False,
-    json_lines: JsonLines = False,
-    slide_mpp: SlideMpp = None,
-    debug: Debug = False,
+    *,
+    tissue: TissueArgs,
+    batch: BatchArgs,
 ) -> None:
     """Adaptive quadtree patching of tissue: OUT/<stem>/quadtree.h5 (leaves) and quadtree.png.
 
@@ -393,37 +285,13 @@ def quadtree(
 
     Example: wsi-amr quadtree slides/ -o out --mpp 1.0 --max-tokens 4096
     """
-    mpp, magnification = _working_resolution(mpp, magnification)
-    params = QuadtreeParams(min_size=min_size, max_size=max_size, blur_kernel=blur, canny_low=canny_low,
-                            canny_high=canny_high, split_threshold=split_threshold, normalise=normalise,
-                            max_tokens=max_tokens, edge_downsample=edge_downsample)
-    try:
-        params.validate()
-    except QuadtreeError as exc:
-        _fail_usage(str(exc))
-    if not is_power_of_two(token_size):
-        _fail_usage(f"--token-size must be a power of two, got {token_size}")
-    if window < max_size or window % max_size:
-        _fail_usage(f"--window ({window}) must be a positive multiple of --max-size ({max_size})")
-    mask_p = None
-    if mask is not None:
-        if not mask.is_file():
-            _fail_usage(f"--mask {mask}: no such file")
-        if not mask.name.lower().endswith(MASK_SUFFIXES):
-            _fail_usage(f"--mask {mask}: give a label image ({', '.join(MASK_SUFFIXES[:3])}) or QuPath GeoJSON "
-                        "(.geojson)")
-        st = mask.stat()
-        # Identity, so that a changed mask makes the slide's outputs out of date.
-        mask_p = {"path": str(mask.resolve()), "bytes": st.st_size, "mtime": round(st.st_mtime, 3)}
-    tissue_p = None if no_tissue else _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict()
-    run_params = {
-        "tissue": tissue_p,
-        "quadtree": {**params.as_dict(), "token_size": token_size, "window": window, "mpp": mpp,
-                     "magnification": magnification},
-        "mask": mask_p,
-    }
-    run_slides("quadtree", inputs, run_params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
+    tree = quadtree_params(min_size=min_size, max_size=max_size, blur_kernel=blur, canny_low=canny_low,
+                           canny_high=canny_high, split_threshold=split_threshold, normalise=normalise,
+                           max_tokens=max_tokens, edge_downsample=edge_downsample)
+    params = build(QuadtreeJobParams, QUADTREE_FLAGS, tree=tree, token_size=token_size, window=window, mpp=mpp,
+                   magnification=magnification, tissue=None if no_tissue else tissue.params(),
+                   mask=build(MaskRef.of, None, path=mask) if mask is not None else None)
+    run_slides("quadtree", inputs, params, out=out, batch=batch)
 
 
 BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -461,6 +329,8 @@ def _list_models() -> None:
 
 
 @app.command()
+@with_group("batch", BatchArgs)
+@with_group("tissue", TissueArgs)
 def segment(
     inputs: Annotated[list[str] | None, typer.Argument(
         help="Slides, folders (searched recursively), globs, or - to read paths from stdin.",
@@ -492,17 +362,9 @@ def segment(
     mask_tiff: Annotated[bool, typer.Option("--mask-tiff", help="Also write mask.tiff: the class of every "
                                             "pixel at the working mpp, a pyramidal label TIFF.")] = False,
     device: Device = "auto",
-    modality: Modality = "auto",
-    tissue_threshold: TissueThreshold = None,
-    min_area: MinTissueArea = TissueParams.min_area_um2,
-    min_hole: MinHoleArea = TissueParams.min_hole_um2,
-    jobs: Jobs = 1,
-    shard: Shard = None,
-    scheduler: Scheduler = None,
-    overwrite: Overwrite = False,
-    json_lines: JsonLines = False,
-    slide_mpp: SlideMpp = None,
-    debug: Debug = False,
+    *,
+    tissue: TissueArgs,
+    batch: BatchArgs,
 ) -> None:
     """Segment slides with a token segmentation model: OUT/<stem>/<stem>.geojson (QuPath) and overlay.png.
 
@@ -517,11 +379,11 @@ def segment(
         _list_models()
         raise typer.Exit(0)
     if not inputs:
-        _fail_usage("give slides to segment (or --list-models)")
+        fail_usage("give slides to segment (or --list-models)")
     if model is None:
         found = bundled_models()
         if not found:
-            _fail_usage("no bundled model in this installation; give --model (a checkpoint from "
+            fail_usage("no bundled model in this installation; give --model (a checkpoint from "
                         "`wsi-amr train segment`)")
         model = found[0]
     from wsi_amr.checkpoint import CheckpointError, checkpoint_paths, read_config
@@ -530,30 +392,20 @@ def segment(
         weights, _ = checkpoint_paths(model)
         doc = read_config(model)
     except CheckpointError as exc:
-        _fail_usage(str(exc))
-    if patching not in (None, "adaptive", "uniform"):
-        _fail_usage(f"--patching must be adaptive or uniform, got {patching!r}")
-    if object_type not in ("annotation", "detection"):
-        _fail_usage(f"--object-type must be annotation or detection, got {object_type!r}")
-    if window < 64 or not 0 <= overlap <= window // 2:
-        _fail_usage(f"--window must be at least 64 px and --overlap between 0 and half of it, got {window} and {overlap}")
-    if context is not None and context < 0:
-        _fail_usage(f"--context must be 0 or a positive number of px, got {context}")
-    if simplify < 0 or min_object < 0:
-        _fail_usage("--simplify and --min-object must not be negative")
+        fail_usage(flag_text(exc))
+    from wsi_amr.segmentation.config import SegmentParams
     from wsi_amr.segmentation.predict import default_shifts, training_context
 
+    flags = {"simplify_um": "--simplify", "min_area_um2": "--min-object"}
+    params = build(SegmentParams, flags, model=str(weights.resolve()), model_sha256=doc.get("weights_sha256"),
+                   tissue=tissue.params(), patching=patching, window=window, overlap=overlap, context=context,
+                   simplify_um=simplify, min_area_um2=min_object, object_type=object_type, gzip=gzip,
+                   mask_tiff=mask_tiff, device=device)
     square = context if context is not None else training_context(doc.get("training"))
     offsets = _parse_shifts(shifts, square) if shifts is not None else default_shifts(square)
     _check_device(device)
-    params = {
-        "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
-        "segment": {"model": str(weights.resolve()), "model_sha256": doc.get("weights_sha256"), "patching": patching,
-                    "window": window, "overlap": overlap, "context": context, "shifts": offsets, "simplify_um": simplify, "min_area_um2": min_object,
-                    "object_type": object_type, "gzip": gzip, "mask_tiff": mask_tiff, "device": device},
-    }
-    run_slides("segment", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
+    params = build(functools.partial(dataclasses.replace, params), flags, shifts=tuple(offsets))
+    run_slides("segment", inputs, params, out=out, batch=batch)
 
 
 def _parse_shifts(text: str, context: int | None) -> list[int]:
@@ -562,13 +414,13 @@ def _parse_shifts(text: str, context: int | None) -> list[int]:
     try:
         offsets = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        _fail_usage(f"--shifts must be comma-separated whole numbers of px, got {text!r}")
+        fail_usage(f"--shifts must be comma-separated whole numbers of px, got {text!r}")
     if not offsets or offsets[0] < 0:
-        _fail_usage(f"--shifts must be offsets of 0 px or more, got {text!r}")
+        fail_usage(f"--shifts must be offsets of 0 px or more, got {text!r}")
     if offsets != [0] and context == 0:
-        _fail_usage("--shifts moves the attention squares; with --context 0 there are none")
+        fail_usage("--shifts moves the attention squares; with --context 0 there are none")
     if context and offsets[-1] >= context:
-        _fail_usage(f"--shifts must be below the attention square's side (--context {context}), got {text!r}")
+        fail_usage(f"--shifts must be below the attention square's side (--context {context}), got {text!r}")
     return offsets
 
 
@@ -579,7 +431,7 @@ def _check_device(device: str) -> None:
     try:
         resolve_device(device)
     except DeviceError as exc:
-        _fail_usage(str(exc))
+        fail_usage(flag_text(exc))
 
 
 def _check_classifier(model: Path, encoder: Path | None, features: Path | None,
@@ -597,29 +449,31 @@ def _check_classifier(model: Path, encoder: Path | None, features: Path | None,
         _, cfg, extra = load_ips(model)
         card = ClassifierCard.from_extra(extra, cfg, weights)
     except CheckpointError as exc:
-        _fail_usage(str(exc))
+        fail_usage(flag_text(exc))
     if features is not None and not features.is_dir():
-        _fail_usage(f"--features {features}: no such folder")
+        fail_usage(f"--features {features}: no such folder")
     if encoder is not None and features is not None:
-        _fail_usage("give --encoder (to encode slide patches) or --features (pre-extracted), not both")
+        fail_usage("give --encoder (to encode slide patches) or --features (pre-extracted), not both")
     if cfg.encoder != "none" and (encoder is not None or features is not None):
-        _fail_usage(f"{weights.name} encodes patches with its own built-in CNN; --encoder and --features are for "
+        fail_usage(f"{weights.name} encodes patches with its own built-in CNN; --encoder and --features are for "
                     "models trained on embeddings")
     feature_inputs = bool(inputs) and all(i.lower().endswith(".h5") for i in inputs)
     if cfg.encoder == "none" and encoder is None and features is None and not feature_inputs:
         hint = (f" (it was trained with the encoder {card.encoder.get('file')})"
                 if card.encoder.get("kind") == "torchscript" else "")
-        _fail_usage(f"{weights.name} takes embeddings: give --features DIR or --encoder FILE.pt{hint}")
+        fail_usage(f"{weights.name} takes embeddings: give --features DIR or --encoder FILE.pt{hint}")
     if encoder is not None:
         try:
             patch = card.require_patching(encoder)
             TorchScriptEncoder(encoder).check_width(patch, cfg.embed_dim, weights.name)
         except (EncoderError, ValueError) as exc:
-            _fail_usage(str(exc))
+            fail_usage(flag_text(exc))
     return str(weights.resolve()), sha
 
 
 @app.command()
+@with_group("batch", BatchArgs)
+@with_group("tissue", TissueArgs)
 def classify(
     inputs: Annotated[list[str] | None, typer.Argument(
         help="Slides, images (.png/.jpg), folders (searched recursively for slides), globs, or - to read paths "
@@ -650,17 +504,9 @@ def classify(
         "--top", min=1, help="Write only the K patches with the most attention to attention.geojson "
         "\\[default: every patch].", show_default=False)] = None,
     device: Device = "auto",
-    modality: Modality = "auto",
-    tissue_threshold: TissueThreshold = None,
-    min_area: MinTissueArea = TissueParams.min_area_um2,
-    min_hole: MinHoleArea = TissueParams.min_hole_um2,
-    jobs: Jobs = 1,
-    shard: Shard = None,
-    scheduler: Scheduler = None,
-    overwrite: Overwrite = False,
-    json_lines: JsonLines = False,
-    slide_mpp: SlideMpp = None,
-    debug: Debug = False,
+    *,
+    tissue: TissueArgs,
+    batch: BatchArgs,
 ) -> None:
     """Classify slides with an IPS model: OUT/<stem>/classification.json, heatmap.png, attention.geojson.
 
@@ -673,27 +519,24 @@ def classify(
     Example: wsi-amr classify -o out --model runs/ips-features/best.safetensors --features trident/features --top 500
     """
     from wsi_amr.checkpoint import file_sha256
+    from wsi_amr.ips.config import ClassifyParams
 
     if model is None:
-        _fail_usage("give the model to classify with: --model runs/NAME/best.safetensors (from `wsi-amr train classify`)")
+        fail_usage("give the model to classify with: --model runs/NAME/best.safetensors (from `wsi-amr train classify`)")
     if patch_size is not None and not patch_size > 0:
-        _fail_usage(f"--patch-size must be a positive number of level-0 px, got {patch_size}")
+        fail_usage(f"--patch-size must be a positive number of level-0 px, got {patch_size}")
     weights, sha = _check_classifier(model, encoder, features, inputs or [])
     _check_device(device)
     if not inputs:
         if features is None:
-            _fail_usage("give slides to classify (or --features DIR to classify every feature file in it)")
+            fail_usage("give slides to classify (or --features DIR to classify every feature file in it)")
         inputs = [str(p) for p in sorted(features.glob("*.h5"))] or [str(features / "*.h5")]
-    params = {
-        "tissue": _tissue_params(modality, tissue_threshold, min_area, min_hole).as_dict(),
-        "classify": {"model": weights, "model_sha256": sha,
-                     "encoder": str(encoder.resolve()) if encoder else None,
-                     "encoder_sha256": file_sha256(encoder) if encoder else None,
-                     "features": str(features.resolve()) if features else None, "patch_size": patch_size,
-                     "memory": memory, "chunk": chunk, "top": top, "device": device},
-    }
-    run_slides("classify", inputs, params, out=out, jobs=jobs, overwrite=overwrite, json_lines=json_lines,
-               slide_mpp=slide_mpp, debug=debug, shard=shard, scheduler=scheduler)
+    params = build(ClassifyParams, None, model=weights, model_sha256=sha, tissue=tissue.params(),
+                   encoder=str(encoder.resolve()) if encoder else None,
+                   encoder_sha256=file_sha256(encoder) if encoder else None,
+                   features=str(features.resolve()) if features else None, patch_size=patch_size,
+                   memory=memory, chunk=chunk, top=top, device=device)
+    run_slides("classify", inputs, params, out=out, batch=batch)
 
 
 app.command()(evaluate)

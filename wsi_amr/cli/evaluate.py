@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from wsi_amr.cli.options import fail
 from wsi_amr.evaluation import (
     GEOJSON_SUFFIXES,
     EvaluationError,
@@ -26,6 +27,7 @@ from wsi_amr.evaluation import (
     read_predictions,
 )
 from wsi_amr.metrics import ClassificationScores, Scores, classification_scores, scores_from_confusion
+from wsi_amr.params import carry, flag_text
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 SUFFIXES = LABEL_SUFFIXES + GEOJSON_SUFFIXES
@@ -125,7 +127,7 @@ def evaluate(
         return
     names = [c.strip() for c in classes.split(",")] if classes else None
     if names is not None and (not all(names) or len(set(names)) != len(names)):
-        _fail(f"--classes must be distinct, non-empty names, got {classes!r}", 2)
+        fail(f"--classes must be distinct, non-empty names, got {classes!r}", 2)
     wh = None
     if size is not None:
         try:
@@ -134,7 +136,7 @@ def evaluate(
                 raise ValueError
             wh = (w, h)
         except ValueError:
-            _fail(f"--size must be WIDTHxHEIGHT in level-0 px, got {size!r}", 2)
+            fail(f"--size must be WIDTHxHEIGHT in level-0 px, got {size!r}", 2)
     try:
         pairs, unmatched = match_pairs(pred, ref)
         if names is None:  # one class list for every pair, so the pooled counts add up
@@ -153,7 +155,7 @@ def evaluate(
                 grown[: conf.shape[0], : conf.shape[0]] += conf
                 total = grown
     except EvaluationError as exc:
-        _fail(str(exc), 1)
+        fail(flag_text(exc), 1)
     assert total is not None
     class_names = rows[0][1].classes
     k = total.shape[0]
@@ -182,7 +184,7 @@ def _evaluate_classification(pred: Path, labels: Path, json_out: bool) -> None:
         try:
             bags, label_names = read_labels_csv(labels, check_files=False)
         except BagError as exc:
-            raise EvaluationError(str(exc)) from None
+            raise carry(EvaluationError(str(exc)), exc) from None
         unknown = sorted(set(label_names) - set(classes))
         if unknown:
             raise EvaluationError(f"{labels}: labels {unknown} are not classes of the predictions "
@@ -194,7 +196,7 @@ def _evaluate_classification(pred: Path, labels: Path, json_out: bool) -> None:
         p = np.stack([predicted[name] for name, _ in pairs])
         scores = classification_scores(y, p, classes)
     except EvaluationError as exc:
-        _fail(str(exc), 1)
+        fail(flag_text(exc), 1)
     for name in sorted({b.name for b in bags} ^ set(predicted)):
         typer.echo(f"warning: {name}: on one side only, not compared", err=True)
     if json_out:
@@ -240,8 +242,3 @@ def _rounded(d: dict[str, Any]) -> dict[str, Any]:
         return v
 
     return {k: r(v) for k, v in d.items()}
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)

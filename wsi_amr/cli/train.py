@@ -8,15 +8,30 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from wsi_amr.cli.options import (
+    APP_SETTINGS,
+    Blur,
+    Debug,
+    Device,
+    EdgeDownsample,
+    MaxSize,
+    MinSize,
+    RunOut,
+    SlideMpp,
+    SplitThreshold,
+    TokenSize,
+    command_line,
+    fail_usage,
+    quadtree_params,
+)
 from wsi_amr.ips.config import IPSConfig
+from wsi_amr.params import flag_text
 from wsi_amr.quadtree import QuadtreeParams
 from wsi_amr.segmentation.config import SegmenterConfig
 
@@ -24,10 +39,7 @@ train_app = typer.Typer(
     name="train",
     help="Train models on your own labelled data.\n\n"
     "Example: wsi-amr train segment --images 'glas/images/train_*.png' --masks glas/masks -o runs/glas",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **APP_SETTINGS,
 )
 
 
@@ -40,7 +52,7 @@ def _train_group() -> None:
 _QT = QuadtreeParams()
 _ARCH = SegmenterConfig()
 
-# -- options (Annotated aliases, as in cli.py) -------------------------------------------------
+# -- options of the training commands (those shared with other commands are in cli/options.py) ---
 Images = Annotated[list[str], typer.Option("--images", help="Training images: files, folders or globs "
                                            "(quote globs: 'glas/images/train_*.png'). Repeatable.",
                                            metavar="PATH|GLOB", show_default=False)]
@@ -68,23 +80,8 @@ Unannotated = Annotated[str, typer.Option("--unannotated", help="Slide pixels ou
 Mpp = Annotated[float | None, typer.Option("--mpp", help="Working µm/px. Images are taken to be at it "
                                               "\\[default: 0.62, GlaS]; slides are read at it \\[default: the "
                                               "first slide's own].")]
-SlideMpp = Annotated[float | None, typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose "
-                                                   "scanner recorded none.")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder: best.*, last.*, last-state.*, "
-                                   "metrics.jsonl.")]
 Patching = Annotated[str, typer.Option("--patching", help="adaptive (quadtree) or uniform (every leaf at "
                                        "--min-size): same model, same code.")]
-TokenSize = Annotated[int, typer.Option("--token-size", help="Token side p: every leaf is resized to p x p "
-                                        "(power of two).")]
-MinSize = Annotated[int, typer.Option("--min-size", help="Smallest leaf, working px (power of two); the "
-                                      "uniform patch size.")]
-MaxSize = Annotated[int, typer.Option("--max-size", help="Largest leaf, working px (power of two).")]
-SplitThreshold = Annotated[float, typer.Option("--split-threshold", help="Split a leaf while its detail exceeds "
-                                               "this: Canny edge pixels in it (per pixel when the quadtree "
-                                               "normalises by area).")]
-Blur = Annotated[int, typer.Option("--blur", help="Gaussian kernel before Canny (odd px; 0 or 1: none).")]
-EdgeDownsample = Annotated[int, typer.Option("--edge-downsample", help="Quadtree edges at 1/N resolution (power "
-                                             "of two; --split-threshold counts edge pixels there).")]
 Crop = Annotated[int, typer.Option("--crop", help="Training crop side, working px (smaller images are padded).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Crops per optimisation step.")]
 Steps = Annotated[int, typer.Option("--steps", help="Optimisation steps: the training budget (compare "
@@ -108,20 +105,9 @@ Width = Annotated[int, typer.Option("--width", help="Transformer width.")]
 Depth = Annotated[int, typer.Option("--depth", help="Transformer layers.")]
 Heads = Annotated[int, typer.Option("--heads", help="Attention heads (must divide --width).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for Python, numpy and torch: same seed, same run on CPU.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch \\[default: torch's].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from OUT/last-state.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --out that holds a run.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
-
-
-def _fail_usage(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["wsi-amr", *sys.argv[1:]])
 
 
 def parse_colors(text: str) -> list[list[int]]:
@@ -202,7 +188,7 @@ def _run_training(train: Callable[[Callable[[int, int, dict[str, Any]], None]], 
             "same command plus --resume")
         raise typer.Exit(130) from None
     except TrainingError as exc:
-        say(f"error: {exc}")
+        say(f"error: {flag_text(exc)}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         saved = (out / "last-state.json").exists()
@@ -225,7 +211,7 @@ def _run_training(train: Callable[[Callable[[int, int, dict[str, Any]], None]], 
 
 @train_app.command("segment")
 def segment(
-    out: Out,
+    out: RunOut,
     images: Images = [],  # noqa: B006 - Typer reads list defaults, never mutates them
     masks: Masks = None,
     val_images: ValImages = [],  # noqa: B006
@@ -285,13 +271,10 @@ def segment(
         try:
             color_list = parse_colors(colors)
         except ValueError as exc:
-            _fail_usage(f"--colors: {exc}")
-    try:
-        params = QuadtreeParams(min_size=min_size, max_size=max_size, split_threshold=split_threshold,
-                                blur_kernel=blur, canny_low=_QT.canny_low, canny_high=_QT.canny_high,
-                                normalise=_QT.normalise, edge_downsample=edge_downsample)
-    except (TypeError, ValueError) as exc:
-        _fail_usage(str(exc))
+            fail_usage(f"--colors: {exc}")
+    params = quadtree_params(min_size=min_size, max_size=max_size, split_threshold=split_threshold,
+                             blur_kernel=blur, canny_low=_QT.canny_low, canny_high=_QT.canny_high,
+                             normalise=_QT.normalise, edge_downsample=edge_downsample)
     cfg = TrainConfig(
         out=out, images=list(images), masks=masks, val_images=list(val_images), slides=list(slides),
         annotations=list(annotations), pairs=pairs, classes=class_names, colors=color_list,
@@ -300,7 +283,7 @@ def segment(
         warmup=warmup, dice_weight=dice_weight, jitter=jitter, glass=glass, mosaic=mosaic,
         val_fraction=val_fraction, val_every=val_every,
         log_every=log_every, width=width, depth=depth, heads=heads, seed=seed, device=device, threads=threads,
-        resume=resume, overwrite=overwrite, command_line=_command_line(),
+        resume=resume, overwrite=overwrite, command_line=command_line(),
     )
     _run_training(lambda progress: train_segmenter(cfg, progress=progress), out, describe_result, debug)
 
@@ -353,8 +336,7 @@ BagValFraction = Annotated[float, typer.Option("--val-fraction", help="Share of 
 @train_app.command("classify")
 def classify(
     labels: Labels,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: best.*, last.*, last-state.*, "
-                                      "metrics.jsonl.")],
+    out: RunOut,
     features: Features = None,
     encoder: Encoder = None,
     classes: ClassOrder = None,
@@ -406,6 +388,6 @@ def classify(
         heads=heads, dropout=dropout, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup=warmup, augment=augment, balance=balance, val_fraction=val_fraction, val_every=val_every,
         log_every=log_every, seed=seed,
-        device=device, threads=threads, resume=resume, overwrite=overwrite, command_line=_command_line(),
+        device=device, threads=threads, resume=resume, overwrite=overwrite, command_line=command_line(),
     )
     _run_training(lambda progress: train_classifier(cfg, progress=progress), out, describe_result, debug)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from wsi_amr.params import from_fields, require
+from wsi_amr.tissue import TissueParams
+
 __all__ = ["ENCODERS", "IPSConfig"]
 
 
@@ -54,3 +57,41 @@ class IPSConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClassifyParams:
+    """What ``wsi-amr classify`` does to each slide: the IPS checkpoint (``model``, with its hash),
+    how embeddings are made (``encoder``, a TorchScript file, or ``features``, a folder of
+    ``<stem>.h5``; neither: the model's own CNN), the feature patches' side in level-0 px
+    (``patch_size``, None: from the file), ``memory`` M and ``chunk`` I (None: the model's), and
+    ``top`` K patches written to attention.geojson (None: all)."""
+
+    model: str
+    model_sha256: str | None = None
+    tissue: TissueParams = TissueParams()
+    encoder: str | None = None
+    encoder_sha256: str | None = None
+    features: str | None = None
+    patch_size: float | None = None
+    memory: int | None = None
+    chunk: int | None = None
+    top: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.patch_size is None or self.patch_size > 0,
+                f"patch_size must be a positive number of level-0 px, got {self.patch_size}", "patch_size")
+        for name in ("memory", "chunk", "top"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"{name} must be at least 1, got {value}", name)
+        require(self.encoder is None or self.features is None,
+                "give encoder (to encode slide patches) or features (pre-extracted), not both", "encoder", "features")
+
+    def as_dict(self) -> dict[str, Any]:
+        own = {k: v for k, v in asdict(self).items() if k != "tissue"}
+        return {"tissue": self.tissue.as_dict(), "classify": own}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifyParams:
+        return from_fields(cls, {**data["classify"], "tissue": TissueParams.from_dict(data["tissue"])})

@@ -347,8 +347,8 @@ def score_all(
     size = model.cfg.chunk if chunk is None else int(chunk)
     lse: Tensor | None = None
     # Two growing buffers rather than a list of small per-chunk tensors: small long-lived blocks
-    # allocated between each chunk's large transient ones fragment the C heap, and a 100k-patch
-    # slide's process then grew by about 1.5 MiB a chunk (bench/ips_memory.py).
+    # allocated between each chunk's large transient ones fragment the C heap, and a large slide's
+    # process then grew chunk by chunk (bench/ips_memory.py; docs/benchmarks.md, "IPS: memory").
     logits_buf = _Rows()
     ids_buf = _Rows()
     with _EvalMode(model):

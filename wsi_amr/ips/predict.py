@@ -35,6 +35,7 @@ from wsi_amr import images
 from wsi_amr.checkpoint import CheckpointError, file_sha256
 from wsi_amr.ips.bags import BagError, FeatureBag, ImagePatches, SlidePatches, covering_grid
 from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, score_all, select_top_m
+from wsi_amr.params import naming
 from wsi_amr.slide import COARSER_OPTION, Resolution, Slide, open_slide, slide_stem
 from wsi_amr.tiling import tile_grid
 
@@ -140,8 +141,8 @@ class ClassifierCard:
     def require_patching(self, source: Path) -> int:
         """The patch size for cutting ``source`` into patches; BagError for a model that never did."""
         if self.patch_size is None or self.mpp is None:
-            raise BagError(f"{source.name}: the model was trained on feature files and has no patch size or mpp; "
-                           "classify with --features DIR")
+            raise naming(BagError(f"{source.name}: the model was trained on feature files and has no patch size or mpp; "
+                                  "classify its features instead (features, a folder of <stem>.h5)"), "features")
         return int(self.patch_size)
 
 
@@ -232,7 +233,7 @@ def slide_patch_grid(slide: Slide, patch: int, mpp: float, tissue_map: Any, min_
 def slide_bag(slide: Slide, coords: np.ndarray, patch: int, downsample: float) -> Bag:
     """Patches of an open slide at ``coords``, read a chunk at a time (the caller closes the slide)."""
     return Bag(slide.stem, SlidePatches(slide, coords, patch, downsample), coords, patch * downsample, "patches",
-               offset=tuple(int(v) for v in slide.bounds_offset), size=slide.dimensions)
+               offset=(int(slide.bounds_offset[0]), int(slide.bounds_offset[1])), size=slide.dimensions)
 
 
 @contextlib.contextmanager

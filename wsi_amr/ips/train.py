@@ -54,6 +54,7 @@ from wsi_amr.ips.predict import (
     slide_patch_grid,
 )
 from wsi_amr.metrics import classification_scores
+from wsi_amr.params import carry, naming
 from wsi_amr.slide import MissingMppError, SlideError, open_slide
 from wsi_amr.tissue import TissueParams
 from wsi_amr.trainer import (
@@ -116,35 +117,38 @@ class ClassifyTrainConfig:
         return self.warmup if self.warmup is not None else max(1, self.steps // 20)
 
     def validate(self) -> None:
-        """Raise :class:`TrainingInputError` with one line for the first bad option."""
+        """Raise :class:`TrainingInputError` with one line for the first bad field, naming it."""
+        def bad(message: str, *fields: str) -> TrainingInputError:
+            return naming(TrainingInputError(message), *fields)
+
         if self.features is not None and self.encoder is not None:
-            raise TrainingInputError("give --features (pre-extracted embeddings) or --encoder (a patch encoder), not both")
+            raise bad("give features (pre-extracted embeddings) or encoder (a patch encoder), not both",
+                      "features", "encoder")
         if self.features is not None and not self.features.is_dir():
-            raise TrainingInputError(f"--features {self.features}: no such folder")
+            raise bad(f"features {self.features}: no such folder", "features")
         if self.classes is not None and (len(set(self.classes)) != len(self.classes) or not all(self.classes)):
-            raise TrainingInputError(f"--classes must be distinct non-empty names, got {','.join(self.classes)}")
-        for name, value in (("--patch-size", self.patch_size), ("--steps", self.steps),
-                            ("--batch-size", self.batch_size), ("--val-every", self.val_every),
-                            ("--log-every", self.log_every), ("--memory", self.memory), ("--chunk", self.chunk),
-                            ("--embed-dim", self.embed_dim), ("--width", self.width), ("--heads", self.heads),
-                            ("--threads", self.threads)):
-            if value is not None and value < 1:
-                raise TrainingInputError(f"{name} must be at least 1, got {value}")
-        for name, value in (("--mpp", self.mpp), ("--slide-mpp", self.slide_mpp), ("--lr", self.lr)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise TrainingInputError(f"{name} must be a positive number, got {value}")
+            raise bad(f"classes must be distinct non-empty names, got {','.join(self.classes)}", "classes")
+        for name in ("patch_size", "steps", "batch_size", "val_every", "log_every", "memory", "chunk", "embed_dim",
+                     "width", "heads", "threads"):
+            count = getattr(self, name)
+            if count is not None and count < 1:
+                raise bad(f"{name} must be at least 1, got {count}", name)
+        for name in ("mpp", "slide_mpp", "lr"):
+            number = getattr(self, name)
+            if number is not None and not (math.isfinite(number) and number > 0):
+                raise bad(f"{name} must be a positive number, got {number}", name)
         if not 0 <= self.min_tissue <= 1:
-            raise TrainingInputError(f"--min-tissue is a fraction (0-1), got {self.min_tissue}")
+            raise bad(f"min_tissue is a fraction (0-1), got {self.min_tissue}", "min_tissue")
         if self.weight_decay < 0:
-            raise TrainingInputError(f"--weight-decay must not be negative, got {self.weight_decay}")
+            raise bad(f"weight_decay must not be negative, got {self.weight_decay}", "weight_decay")
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
-            raise TrainingInputError(f"--warmup must be between 0 and --steps - 1, got {self.warmup}")
+            raise bad(f"warmup must be between 0 and steps - 1, got {self.warmup}", "warmup", "steps")
         if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise TrainingInputError(f"--dropout must be at least 0 and below 1, got {self.dropout}")
+            raise bad(f"dropout must be at least 0 and below 1, got {self.dropout}", "dropout")
         if not 0 <= self.val_fraction < 1:
-            raise TrainingInputError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
+            raise bad(f"val_fraction must be at least 0 and below 1, got {self.val_fraction}", "val_fraction")
         if self.resume and self.overwrite:
-            raise TrainingInputError("--resume and --overwrite contradict each other; give one")
+            raise bad("resume and overwrite contradict each other; give one", "resume", "overwrite")
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -208,11 +212,11 @@ def load_classify_data(cfg: ClassifyTrainConfig) -> ClassifyData:
     try:
         labelled, classes = read_labels_csv(cfg.labels, cfg.classes, features=cfg.features)
     except BagError as exc:
-        raise TrainingInputError(str(exc)) from None
+        raise carry(TrainingInputError(str(exc)), exc) from None
     kinds = {b.name: _bag_kind(b, cfg.features is not None) for b in labelled}
     if "features" in kinds.values() and set(kinds.values()) != {"features"}:
-        raise TrainingInputError(f"{cfg.labels}: lists feature files and slides or images together; train on one "
-                                 "kind (feature files with --features DIR)")
+        raise naming(TrainingInputError(f"{cfg.labels}: lists feature files and slides or images together; train on one "
+                                 "kind (feature files with features DIR)"), "features")
     names = [b.name for b in labelled]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -235,11 +239,11 @@ def load_classify_data(cfg: ClassifyTrainConfig) -> ClassifyData:
                     bag.coords, _ = slide_patch_grid(slide, cfg.patch_size, cfg.mpp,
                                                      detect_slide_tissue(slide, tissue), cfg.min_tissue)
                 if len(bag.coords) == 0:
-                    raise TrainingDataError(f"{bag.source}: no {cfg.patch_size}-px patch at {cfg.mpp} µm/px has "
+                    raise naming(TrainingDataError(f"{bag.source}: no {cfg.patch_size}-px patch at {cfg.mpp} µm/px has "
                                             f"tissue >= {cfg.min_tissue}; remove it from the labels or lower "
-                                            "--min-tissue")
+                                            "min_tissue"), "min_tissue")
         except MissingMppError as exc:
-            raise TrainingInputError(str(exc)) from None
+            raise carry(TrainingInputError(str(exc)), exc) from None
         except (BagError, SlideError) as exc:
             message = str(exc) if bag.source.name in str(exc) else f"{bag.source}: {exc}"
             raise TrainingDataError(message) from None
@@ -373,11 +377,11 @@ def train_classifier(cfg: ClassifyTrainConfig, progress: ProgressFn | None = Non
             data = load_classify_data(cfg)
             model_cfg = model_config(cfg, data, encoder)
         except EncoderError as exc:
-            raise TrainingInputError(str(exc)) from None
+            raise carry(TrainingInputError(str(exc)), exc) from None
         try:
             return _train(cfg, data, model_cfg, encoder, device, group, progress)
         except (BagError, SlideError, EncoderError) as exc:
-            raise TrainingDataError(str(exc)) from None
+            raise carry(TrainingDataError(str(exc)), exc) from None
 
 
 def _card(cfg: ClassifyTrainConfig, data: ClassifyData, encoder: TorchScriptEncoder | None,
@@ -418,7 +422,8 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
         metric_name = doc.get("metric", metric_name)
         seconds_before = float(doc.get("seconds", 0.0))
         if step >= cfg.steps:
-            raise TrainingInputError(f"--resume: {out} has already done {step} steps; give a larger --steps to go on")
+            raise naming(TrainingInputError(f"resume: {out} has already done {step} steps; give a larger number of "
+                                            "steps to go on"), "resume")
         if group.is_main:
             trim_metrics(metrics, step)
     has_val = bool(data.val)
@@ -519,7 +524,7 @@ def _train(cfg: ClassifyTrainConfig, data: ClassifyData, model_cfg: IPSConfig, e
             if group.is_main:
                 save_ips(out / "best", model, extra=card().as_extra())
         group.barrier()  # every process returns once rank 0 has written the run
-    warnings = [] if has_val else ["no validation bags (--val-fraction 0, or too few bags per class): "
+    warnings = [] if has_val else ["no validation bags (a validation fraction of 0, or too few bags per class): "
                                    "best.* is the last model"]
     return {
         "best": best if best > -math.inf else None, "metric": metric_name, "best_step": best_step, "steps": step,

@@ -23,6 +23,7 @@ import numpy as np
 
 from wsi_amr.geojson import PathClass, make_box_feature, write_geojson
 from wsi_amr.ips.bags import BagError
+from wsi_amr.ips.config import ClassifyParams
 from wsi_amr.ips.model import load_ips
 from wsi_amr.ips.predict import (
     Bag,
@@ -38,10 +39,11 @@ from wsi_amr.ips.predict import (
     slide_bag,
     slide_patch_grid,
 )
-from wsi_amr.jobs.tissue import OVERLAY_SIDE, load_or_detect, overlay_image, tissue_params
+from wsi_amr.jobs import coarser_model
+from wsi_amr.jobs.tissue import OVERLAY_SIDE, load_or_detect, overlay_image
 from wsi_amr.outputs import write_json_atomic, write_png_atomic
 from wsi_amr.run.task import EmptySlide, JobContext
-from wsi_amr.slide import SlideError, coarser_model, open_slide, slide_stem
+from wsi_amr.slide import SlideError, open_slide, slide_stem
 
 RESULT_FILE = "classification.json"
 HEATMAP_FILE = "heatmap.png"
@@ -112,17 +114,18 @@ def attention_features(coords: np.ndarray, size0: float, attention: np.ndarray, 
 
 
 @contextlib.contextmanager
-def open_for_classify(ctx: JobContext, card: ClassifierCard, embed_dim: int) -> Iterator[tuple[Bag, np.ndarray, float]]:
+def open_for_classify(ctx: JobContext[ClassifyParams], card: ClassifierCard,
+                      embed_dim: int) -> Iterator[tuple[Bag, np.ndarray, float]]:
     """The slide's bag and the image its heatmap is drawn on (with that image's downsample)."""
-    cp = ctx.params["classify"]
+    cp = ctx.params
     path = ctx.slide_path
-    features = Path(cp["features"]) if cp.get("features") else None
+    features = Path(cp.features) if cp.features else None
     with contextlib.ExitStack() as stack:
         if features is not None or is_feature_file(path):
-            file = path if is_feature_file(path) else features / f"{slide_stem(path)}.h5"
+            file = path if features is None or is_feature_file(path) else features / f"{slide_stem(path)}.h5"
             if not file.exists():
                 raise BagError(f"{path.name}: no feature file {file} (features are looked up as <slide stem>.h5)")
-            bag = stack.enter_context(open_feature_bag(file, embed_dim, cp.get("patch_size")))
+            bag = stack.enter_context(open_feature_bag(file, embed_dim, cp.patch_size))
             if bag.patch_level0 is None:
                 raise BagError(f"{file}: its coords carry no patch size (patch_size_level0, or patch_size with "
                                "downsample); give the patch side in level-0 px with --patch-size")
@@ -133,11 +136,13 @@ def open_for_classify(ctx: JobContext, card: ClassifierCard, embed_dim: int) -> 
                 ds = 1.0 / f
             else:
                 slide = stack.enter_context(open_slide(path, slide_mpp=ctx.slide_mpp))
-                bag.offset = tuple(int(v) for v in slide.bounds_offset)
+                bag.offset = (int(slide.bounds_offset[0]), int(slide.bounds_offset[1]))
                 base, ds = slide.thumbnail(OVERLAY_SIDE)
             yield bag, base, ds
             return
         patch = card.require_patching(path)
+        mpp = card.mpp
+        assert mpp is not None  # require_patching checked it
         if is_image_file(path):
             image = read_rgb(path)
             bag = open_image_bag(path, patch, image)
@@ -145,32 +150,32 @@ def open_for_classify(ctx: JobContext, card: ClassifierCard, embed_dim: int) -> 
             yield bag, base, 1.0 / f
             return
         slide = stack.enter_context(open_slide(path, slide_mpp=ctx.slide_mpp))
-        tm = load_or_detect(ctx, slide, tissue_params(ctx.params["tissue"]))
-        coords, ds = slide_patch_grid(slide, patch, card.mpp, tm, card.min_tissue,
-                                      remedy=coarser_model("classify", card.mpp, "reads patches"))
+        tm = load_or_detect(ctx, slide, cp.tissue)
+        coords, ds = slide_patch_grid(slide, patch, mpp, tm, card.min_tissue,
+                                      remedy=coarser_model("classify", mpp, "reads patches"))
         base, base_ds = slide.thumbnail(OVERLAY_SIDE)
         yield slide_bag(slide, coords, patch, ds), base, base_ds
 
 
-def run(ctx: JobContext) -> dict[str, Any]:
+def run(ctx: JobContext[ClassifyParams]) -> dict[str, Any]:
     import torch
 
     from wsi_amr.devices import resolve_device
 
     t_start = time.perf_counter()
-    cp = ctx.params["classify"]
+    cp = ctx.params
     torch.set_num_threads(max(1, ctx.threads))
-    device = resolve_device(cp["device"])
-    model, cfg, extra = load_ips(cp["model"], device)
-    card = ClassifierCard.from_extra(extra, cfg, Path(cp["model"]))
+    device = resolve_device(cp.device)
+    model, cfg, extra = load_ips(cp.model, device)
+    card = ClassifierCard.from_extra(extra, cfg, Path(cp.model))
     try:
-        encoder = TorchScriptEncoder(cp["encoder"], device) if cp.get("encoder") else None
+        encoder = TorchScriptEncoder(cp.encoder, device) if cp.encoder else None
         with open_for_classify(ctx, card, cfg.embed_dim) as (bag, base, base_ds):
             outputs = {"classification": RESULT_FILE, "heatmap": HEATMAP_FILE, "geojson": GEOJSON_FILE}
             if len(bag) == 0:
                 raise EmptySlide(f"{ctx.slide_path.name}: no patch with tissue >= {card.min_tissue} at "
                                  f"{card.patch_size} px, {card.mpp} µm/px; nothing to classify", {})
-            memory, chunk = cp.get("memory") or cfg.memory, cp.get("chunk") or cfg.chunk
+            memory, chunk = cp.memory or cfg.memory, cp.chunk or cfg.chunk
             ctx.progress(0, 1)
             pred = predict_bag(model, bag.rows, memory=memory, chunk=chunk, encoder=encoder, attention=True)
             ctx.progress(1, 1)
@@ -184,8 +189,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 "probabilities": probabilities, "predicted": names[k], "predicted_index": k,
                 "patches": pred.patches, "selected": len(pred.selected), "memory": memory, "chunk": chunk,
                 "patch_size_level0": round(float(bag.patch_level0), 3), "input": bag.kind,
-                "model": {"path": cp["model"], "sha256": cp.get("model_sha256")},
-                "encoder": {"path": cp["encoder"], "sha256": encoder.sha256} if encoder is not None else None,
+                "model": {"path": cp.model, "sha256": cp.model_sha256},
+                "encoder": {"path": cp.encoder, "sha256": encoder.sha256} if encoder is not None else None,
                 "top_patches": [{"x": int(bag.coords[i, 0]), "y": int(bag.coords[i, 1]),
                                  "attention": float(f"{pred.attention[i]:.6g}")} for i in ranked[:TOP_PATCHES]],
             }
@@ -196,12 +201,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
             t1 = time.perf_counter()
             report = write_geojson(ctx.out_dir / GEOJSON_FILE,
                                    attention_features(bag.coords, bag.patch_level0, pred.attention, pred.selected,
-                                                      bag.offset, cp.get("top")))
+                                                      bag.offset, cp.top))
             seconds = {**pred.seconds, "heatmap": t1 - t0, "geojson": time.perf_counter() - t1}
     except (BagError, EncoderError) as exc:
         raise SlideError(str(exc)) from None
     if encoder is not None and card.encoder.get("sha256") not in (None, encoder.sha256):
-        ctx.warn(f"{Path(cp['encoder']).name} is not the encoder file the model was trained with (SHA-256 differs)")
+        ctx.warn(f"{Path(str(cp.encoder)).name} is not the encoder file the model was trained with (SHA-256 differs)")
     stats = {
         "predicted": names[k], "probabilities": probabilities, "patches": pred.patches,
         "selected": len(pred.selected), "memory": memory, "chunk": chunk, "detections": report.written,

@@ -12,13 +12,23 @@ from typing import Any
 import numpy as np
 
 from wsi_amr.budget import BudgetMerge, Cells, Splits, greedy_splits
-from wsi_amr.jobs.tissue import load_or_detect, tissue_params
+from wsi_amr.jobs.tissue import load_or_detect
 from wsi_amr.labels import load_label_mask
 from wsi_amr.metrics import DiceTally
 from wsi_amr.outputs import TMP_PREFIX, atomic_path, write_png_atomic
-from wsi_amr.quadtree import Leaves, QuadtreeParams, build_quadtree, depth_colors, draw_leaves, morton_order, params_edge_map, uniform_token_count
+from wsi_amr.quadtree import (
+    Leaves,
+    QuadtreeJobParams,
+    QuadtreeParams,
+    build_quadtree,
+    depth_colors,
+    draw_leaves,
+    morton_order,
+    params_edge_map,
+    uniform_token_count,
+)
 from wsi_amr.run.task import EmptySlide, JobContext
-from wsi_amr.slide import Resolution, open_slide
+from wsi_amr.slide import open_slide
 from wsi_amr.tiling import Window, read_window, sample_mask, window_grid
 from wsi_amr.tissue import ASSUMED_MPP
 from wsi_amr.tokens import labels_round_trip
@@ -52,10 +62,6 @@ def write_quadtree_h5(path: Path, boxes: np.ndarray, depth: np.ndarray, detail: 
 # -------------------------------------------------------------------------------------------------
 # The job
 # -------------------------------------------------------------------------------------------------
-def quadtree_params(params: dict[str, Any]) -> QuadtreeParams:
-    return QuadtreeParams(**{k: v for k, v in params.items() if k in QuadtreeParams.__dataclass_fields__})
-
-
 @dataclass
 class _Tally:
     read: float = 0.0
@@ -94,12 +100,9 @@ def _leaves_of(s: Splits) -> Leaves:
                   np.asarray(s.depth, np.int16), np.asarray(s.detail, np.float32))
 
 
-def run(ctx: JobContext) -> dict[str, Any]:
-    qp = ctx.params["quadtree"]
-    params = quadtree_params(qp)
-    params.validate()
-    token_size, window = int(qp["token_size"]), int(qp["window"])
-    res = Resolution(mpp=qp.get("mpp"), magnification=qp.get("magnification"))
+def run(ctx: JobContext[QuadtreeJobParams]) -> dict[str, Any]:
+    job = ctx.params
+    params, token_size, window, res = job.tree, job.token_size, job.window, job.resolution
     f = params.edge_downsample
     margin = -(-(EDGE_MARGIN + params.blur_kernel // 2) // f) * f  # a multiple of f: edge cells line up
     with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
@@ -107,13 +110,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
         w0, h0 = slide.dimensions
         size = (max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds))))
         mask = None
-        if ctx.params.get("mask"):
-            mask, mask_warnings = load_label_mask(Path(ctx.params["mask"]["path"]), slide)
+        if job.mask is not None:
+            mask, mask_warnings = load_label_mask(Path(job.mask.path), slide)
             for message in mask_warnings:
                 ctx.warn(message)
         tm = None
-        if ctx.params.get("tissue") is not None:
-            tm = load_or_detect(ctx, slide, tissue_params(ctx.params["tissue"]))
+        if job.tissue is not None:
+            tm = load_or_detect(ctx, slide, job.tissue)
             if slide.mpp is None and not tm.info.get("reused"):
                 ctx.warn(f"{slide.name}: no mpp recorded; tissue area filters assume {ASSUMED_MPP} µm/px (set --slide-mpp)")
         windows = window_grid(size[0], size[1], window)
@@ -226,7 +229,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
 
 def _run_budget(
-    ctx: JobContext,
+    ctx: JobContext[QuadtreeJobParams],
     windows: list[Window],
     params: QuadtreeParams,
     tissue_of: Callable[[Window], np.ndarray | None],
@@ -240,7 +243,8 @@ def _run_budget(
     # split, which bounds how many splits any one window can contribute.
     roots = [root_count(win, tissue_of(win), params.max_size) for win in windows]
     total_roots = sum(roots)
-    merge = BudgetMerge(int(params.max_tokens), total_roots)
+    assert params.max_tokens is not None  # budget mode
+    merge = BudgetMerge(params.max_tokens, total_roots)
     steps = 2 * len(windows)
     with _cell_store(ctx.out_dir) as store:
         for i, win in enumerate(windows):

@@ -22,16 +22,18 @@ import cv2
 import numpy as np
 
 from wsi_amr.geojson import PathClass, make_feature, write_geojson
-from wsi_amr.jobs.tissue import load_or_detect, tissue_params
+from wsi_amr.jobs import coarser_model
+from wsi_amr.jobs.tissue import load_or_detect
 from wsi_amr.labeltiff import LabelTiff
 from wsi_amr.outputs import write_png_atomic
 from wsi_amr.quadtree import uniform_token_count
 from wsi_amr.run.resources import background_thread, opencv_threads, trim_heap
 from wsi_amr.run.task import EmptySlide, JobContext
+from wsi_amr.segmentation.config import SegmentParams
 from wsi_amr.segmentation.model import load_checkpoint
 from wsi_amr.segmentation.predict import default_shifts, make_leaves, patching_from_card, predict_leaves, training_context
 from wsi_amr.segmentation.windows import SeamlessPolygons, blend_stream, class_map, window_starts
-from wsi_amr.slide import Resolution, coarser_model, open_slide
+from wsi_amr.slide import Resolution, open_slide
 from wsi_amr.tiling import Block, sample_mask
 from wsi_amr.tissue import ASSUMED_MPP
 
@@ -73,6 +75,11 @@ def finish_objects(seam: SeamlessPolygons) -> Objects:
     return {label: items for label, items in seam.finish().items() if label != 0 and items}
 
 
+def _rgb(color: list[int]) -> tuple[int, int, int]:
+    r, g, b = color
+    return r, g, b
+
+
 def write_objects(path: Path, objects: Objects, names: list[str], colors: list[list[int]], object_type: str,
                   px_um2: float):
     """Write ``objects`` as QuPath GeoJSON (``.gz`` by the name): one feature per object with its
@@ -81,7 +88,7 @@ def write_objects(path: Path, objects: Objects, names: list[str], colors: list[l
     def features():
         for label, items in objects.items():
             cls = PathClass(names[label] if label < len(names) else f"class {label}",
-                            tuple(colors[label]) if label < len(colors) else (255, 0, 0))
+                            _rgb(colors[label]) if label < len(colors) else (255, 0, 0))
             for poly, mean_prob in items:
                 f = make_feature(poly, object_type=object_type, classification=cls, measurements={
                     "Area µm^2": round(poly.area * px_um2, 2),
@@ -92,13 +99,13 @@ def write_objects(path: Path, objects: Objects, names: list[str], colors: list[l
     return write_geojson(path, features())
 
 
-def run(ctx: JobContext) -> dict[str, Any]:
+def run(ctx: JobContext[SegmentParams]) -> dict[str, Any]:
     t_start = time.perf_counter()
-    sp = ctx.params["segment"]
+    sp = ctx.params
     from wsi_amr.devices import resolve_device
 
-    model, card = load_checkpoint(sp["model"])
-    model.to(resolve_device(sp.get("device") or "auto"))
+    model, card = load_checkpoint(sp.model)
+    model.to(resolve_device(sp.device))
     import torch
 
     torch.set_num_threads(max(1, ctx.threads))
@@ -108,21 +115,20 @@ def run(ctx: JobContext) -> dict[str, Any]:
         return _run(ctx, model, card, t_start)
 
 
-def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, Any]:  # noqa: C901 - the window stream: read, predict, blend, outline and write in one pass for bounded memory
-    sp = ctx.params["segment"]
+def _run(ctx: JobContext[SegmentParams], model: Any, card: Any, t_start: float) -> dict[str, Any]:  # noqa: C901 - the window stream: read, predict, blend, outline and write in one pass for bounded memory
+    sp = ctx.params
     params, trained_mode = patching_from_card(card)
-    patching = sp.get("patching") or trained_mode
-    window, overlap = int(sp["window"]), int(sp["overlap"])
+    patching = sp.patching or trained_mode
+    window, overlap = sp.window, sp.overlap
     # Attention context: squares of the training crop's size by default, the area the model
     # learnt to attend over (one sequence per window drifts from it as windows grow).
-    context = sp.get("context")
+    context = sp.context
     if context is None:
         context = training_context(card.training)
     context = context or None  # 0: the whole window is one sequence
     # Square offsets whose probabilities are averaged: by default a second pass moved by half a
     # square (objects cut by a square's border lose).
-    shifts = sp.get("shifts")
-    shifts = [int(v) for v in shifts] if shifts is not None else default_shifts(context)
+    shifts = list(sp.shifts) if sp.shifts is not None else default_shifts(context)
     if context and max(shifts) >= context:
         raise ValueError(f"shifts {shifts} must be below the attention square's side ({context} px)")
     k = model.cfg.num_classes
@@ -131,7 +137,7 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
     cpu = {"quadtree": 0.0}
     with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
         t0 = time.perf_counter()
-        tm = load_or_detect(ctx, slide, tissue_params(ctx.params["tissue"]))
+        tm = load_or_detect(ctx, slide, sp.tissue)
         timing["tissue"] += time.perf_counter() - t0
         if slide.mpp is None:
             ctx.warn(f"{slide.name}: no mpp recorded; assuming {ASSUMED_MPP} µm/px (set --slide-mpp)")
@@ -143,10 +149,10 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
         bx, by = slide.bounds_offset
         # Simplification tolerance (µm) and smallest object (µm^2) in level-0 px.
         seam = SeamlessPolygons(scale=ds, offset=(-float(bx), -float(by)),
-                                simplify=float(sp["simplify_um"]) / float(np.mean(mpp0)),
-                                min_area=float(sp["min_area_um2"]) / px_um2)
+                                simplify=sp.simplify_um / float(np.mean(mpp0)),
+                                min_area=sp.min_area_um2 / px_um2)
         mask = None
-        if sp.get("mask_tiff"):
+        if sp.mask_tiff:
             mask = LabelTiff(ctx.out_dir / MASK_FILE, width, height, float(np.mean(mpp0)) * ds,
                              classes=list(card.class_names),
                              extra={"downsample": ds, "level0_offset": [-float(bx), -float(by)],
@@ -245,8 +251,8 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
 
             t = time.perf_counter()
             names, colors = card.class_names, card.class_colors
-            out_name = geojson_name(slide.stem, bool(sp["gzip"]))
-            report = write_objects(ctx.out_dir / out_name, kept, names, colors, sp["object_type"], px_um2)
+            out_name = geojson_name(slide.stem, sp.gzip)
+            report = write_objects(ctx.out_dir / out_name, kept, names, colors, sp.object_type, px_um2)
             thumb, tds = slide.thumbnail(2048)
             overlay = _class_overlay(thumb, kept, colors, 1.0 / tds, (float(bx), float(by)))
             write_png_atomic(ctx.out_dir / OVERLAY_FILE, overlay)
@@ -284,9 +290,9 @@ def _run(ctx: JobContext, model: Any, card: Any, t_start: float) -> dict[str, An
         "seconds_waited_outline": round(waited["outline"], 3),
     }
     outputs = {"geojson": out_name, "overlay": OVERLAY_FILE}
-    if sp.get("mask_tiff"):
+    if sp.mask_tiff:
         outputs["mask"] = MASK_FILE
     if tokens["used"] == 0:
         raise EmptySlide(f"{name}: no tissue found; wrote an empty {out_name}", outputs, stats)
-    stats["model"] = Path(sp["model"]).name
+    stats["model"] = Path(sp.model).name
     return {"outputs": outputs, "stats": stats, "slide": info}

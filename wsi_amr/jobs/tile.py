@@ -16,13 +16,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from wsi_amr.jobs.tissue import load_or_detect, overlay_image, tissue_params
+from wsi_amr.jobs.tissue import load_or_detect, overlay_image
 from wsi_amr.outputs import TMP_PREFIX, write_png_atomic
 from wsi_amr.run.resources import opencv_threads
 from wsi_amr.run.task import EmptySlide, JobContext
 from wsi_amr.run.worker import spawning_without_main
-from wsi_amr.slide import Resolution, Slide, open_slide
-from wsi_amr.tiling import TileGrid, read_order, tile_grid, write_tiles_h5
+from wsi_amr.slide import Slide, open_slide
+from wsi_amr.tiling import TileGrid, TileParams, read_order, tile_grid, write_tiles_h5
 
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}
 
@@ -183,28 +183,27 @@ def draw_tiles(rgb: np.ndarray, coords: np.ndarray, span0: float, downsample: fl
     return out
 
 
-def run(ctx: JobContext) -> dict[str, Any]:
-    tp = ctx.params["tile"]
-    tissue = tissue_params(ctx.params["tissue"]) if ctx.params.get("tissue") is not None else None
-    res = Resolution(mpp=tp.get("mpp"), magnification=tp.get("magnification"))
+def run(ctx: JobContext[TileParams]) -> dict[str, Any]:
+    tp = ctx.params
     # Several workers for one slide (a batch smaller than --jobs): processes, started early.
-    use_pool = bool(tp.get("save_images")) and ctx.threads > 1 and multiprocessing.parent_process() is None
+    use_pool = tp.save_images and ctx.threads > 1 and multiprocessing.parent_process() is None
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(start_tile_pool(ctx.threads, ctx.slide_path, ctx.slide_mpp)) if use_pool else None
         stack.enter_context(opencv_threads(1))  # small images: parallelism comes from our threads
-        return _run(ctx, tp, tissue, res, pool)
+        return _run(ctx, tp, pool)
 
 
-def _run(ctx: JobContext, tp: dict[str, Any], tissue: Any, res: Resolution, pool: ProcessPoolExecutor | None) -> dict[str, Any]:
+def _run(ctx: JobContext[TileParams], tp: TileParams, pool: ProcessPoolExecutor | None) -> dict[str, Any]:
+    res = tp.resolution
     with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
         ds = slide.downsample_for(res)
         w, h = slide.dimensions
-        tm = load_or_detect(ctx, slide, tissue) if tissue is not None else None
+        tm = load_or_detect(ctx, slide, tp.tissue) if tp.tissue is not None else None
         grid, frac = tile_grid(
-            w, h, size=int(tp["size"]), overlap=int(tp["overlap"]), downsample=ds,
+            w, h, size=tp.size, overlap=tp.overlap, downsample=ds,
             tissue_mask=tm.mask if tm is not None else None,
             mask_downsample=tm.downsample if tm is not None else 1.0,
-            min_tissue=float(tp["min_tissue"]),
+            min_tissue=tp.min_tissue,
         )
         level = slide.best_level_for_downsample(ds)
         mpp0 = slide.mpp
@@ -229,9 +228,9 @@ def _run(ctx: JobContext, tp: dict[str, Any], tissue: Any, res: Resolution, pool
             base, odown = slide.thumbnail(2048)
         write_png_atomic(ctx.out_dir / "tiles.png", draw_tiles(base, grid.coords, grid.size_level0, odown))
         written = 0
-        if tp.get("save_images"):
+        if tp.save_images:
             written = save_tile_images(
-                slide, grid, ctx.out_dir / "tiles", tp["image_format"], int(tp["quality"]),
+                slide, grid, ctx.out_dir / "tiles", tp.image_format, tp.quality,
                 ctx.threads, ctx.progress, pool,
             )
             outputs["images"] = "tiles"
@@ -245,7 +244,7 @@ def _run(ctx: JobContext, tp: dict[str, Any], tissue: Any, res: Resolution, pool
         }
         if len(grid.coords) == 0:
             raise EmptySlide(
-                f"{slide.name}: no tile has tissue >= {tp['min_tissue']} at {res.describe()} "
+                f"{slide.name}: no tile has tissue >= {tp.min_tissue} at {res.describe()} "
                 f"(slide {w}x{h} px); wrote an empty tiles.h5", outputs, stats,
             )
         return {"outputs": outputs, "stats": stats, "slide": slide.info()}

@@ -19,11 +19,7 @@ MASK_FILE = "tissue_mask.png"
 OVERLAY_SIDE = 2048
 
 
-def tissue_params(params: dict[str, Any]) -> TissueParams:
-    return TissueParams(**{k: v for k, v in params.items() if k in TissueParams.__dataclass_fields__})
-
-
-def load_or_detect(ctx: JobContext, slide: Slide, params: TissueParams) -> TissueMap:
+def load_or_detect(ctx: JobContext[Any], slide: Slide, params: TissueParams) -> TissueMap:
     """Reuse the mask ``wsi-amr tissue`` wrote for this slide when it is current, else detect."""
     if is_current_step(ctx, "tissue", params.as_dict()):
         path = ctx.out_dir / MASK_FILE
@@ -56,8 +52,8 @@ def draw_mask_outline(rgb: np.ndarray, mask: np.ndarray, color=(0, 200, 0)) -> n
     return out
 
 
-def run(ctx: JobContext) -> dict[str, Any]:
-    params = tissue_params(ctx.params)
+def run(ctx: JobContext[TissueParams]) -> dict[str, Any]:
+    params = ctx.params
     with open_slide(ctx.slide_path, slide_mpp=ctx.slide_mpp) as slide:
         tm = detect_slide_tissue(slide, params)
         if tm.info.get("mpp_assumed"):

@@ -34,8 +34,8 @@ LOCAL_CONFIG = {
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
     # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which also turns off glibc's adaptive mmap
-    # threshold: every image-sized array then costs an mmap, page faults and an munmap. Tiling
-    # took 35% more CPU time in those workers than in a local pool process.
+    # threshold: every image-sized array then costs an mmap, page faults and an munmap (tiling
+    # measured slower in those workers: docs/benchmarks.md, "Batch throughput").
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,  # None: not set at all
 }
 

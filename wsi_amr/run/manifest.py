@@ -50,10 +50,10 @@ def step_is_current(
 
 def is_current(task: SlideTask, out_dir: Path) -> bool:
     """True when this task's outputs are complete and current (the task can be skipped)."""
-    return step_is_current(out_dir, Path(task.slide), task.command, task.params, task.slide_mpp)
+    return step_is_current(out_dir, Path(task.slide), task.command, task.params.as_dict(), task.slide_mpp)
 
 
-def is_current_step(ctx: JobContext, command: str, params: dict[str, Any]) -> bool:
+def is_current_step(ctx: JobContext[Any], command: str, params: dict[str, Any]) -> bool:
     """For a job: has ``command`` already run on this slide with exactly ``params``?"""
     return step_is_current(ctx.out_dir, ctx.slide_path, command, params, ctx.slide_mpp)
 
@@ -70,7 +70,7 @@ def update_manifest(out_dir: Path, task: SlideTask, result: SlideResult, extra: 
     manifest.setdefault("steps", {})[task.command] = {
         "status": result.status,
         "command": task.command_line,
-        "params": _jsonable(task.params),
+        "params": _jsonable(task.params.as_dict()),
         "slide_mpp": task.slide_mpp,
         "finished": _now(),
         "seconds": round(result.seconds, 3),

@@ -13,7 +13,7 @@ from typing import Any
 
 from wsi_amr.locks import _now
 from wsi_amr.run.manifest import is_current
-from wsi_amr.run.task import SUMMARY, SUMMARY_FIELDS, InputError, SlideResult, SlideTask
+from wsi_amr.run.task import SUMMARY, SUMMARY_FIELDS, InputError, JobParams, SlideResult, SlideTask
 from wsi_amr.run.worker import _skipped, run_task, run_task_in_worker, spawning_without_main, worker_failed
 from wsi_amr.slide import slide_stem
 
@@ -76,7 +76,7 @@ def in_shard(items: Sequence[Any], index: int, count: int, key: Callable[[Any], 
     return [item for i, item in enumerate(items) if i in mine]
 
 
-def make_tasks(command: str, slides: Sequence[Path], params: dict[str, Any], opts: BatchOptions) -> tuple[list[SlideTask], list[SlideResult]]:
+def make_tasks(command: str, slides: Sequence[Path], params: JobParams, opts: BatchOptions) -> tuple[list[SlideTask], list[SlideResult]]:
     """One task per slide of this run's shard (all slides without one); slides whose output folder
     would collide with another's fail. Collisions are found over the whole list, so every shard
     agrees on them."""
@@ -187,7 +187,7 @@ def append_summary(out: Path, results: Iterable[SlideResult]) -> None:
     header = SUMMARY_FIELDS
     if not new:
         with open(path, encoding="utf-8", newline="") as fh:
-            header = next(csv.reader(fh), None) or SUMMARY_FIELDS
+            header = next(csv.reader(fh), []) or SUMMARY_FIELDS
     writer = csv.DictWriter(buf, header, extrasaction="ignore")
     if new:
         writer.writeheader()

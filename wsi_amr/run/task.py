@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 # Per-slide jobs by command name, as "module:function"; imported inside the worker so that the
 # task that travels to another process is plain data.
@@ -23,6 +23,16 @@ SUMMARY_FIELDS = ["finished", "command", "slide", "stem", "status", "seconds", "
                   "probabilities"]
 
 
+class JobParams(Protocol):
+    """A job's typed, frozen parameters (``TileParams``, ``SegmentParams``, ...): they travel to the
+    worker as they are (they pickle) and into the manifest as :meth:`as_dict`."""
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+P = TypeVar("P", bound=JobParams, covariant=True)
+
+
 class InputError(Exception):
     """Bad input paths; one line for the user."""
 
@@ -34,7 +44,7 @@ class SlideTask:
     command: str
     slide: str
     out_dir: str
-    params: dict[str, Any]
+    params: JobParams
     slide_mpp: float | None = None
     overwrite: bool = False
     threads: int = 1
@@ -63,12 +73,12 @@ class SlideResult:
 
 
 @dataclass
-class JobContext:
+class JobContext(Generic[P]):
     """Handed to a per-slide job: where to write, with what parameters, and a progress hook."""
 
     slide_path: Path
     out_dir: Path
-    params: dict[str, Any]
+    params: P
     slide_mpp: float | None
     threads: int
     progress: Callable[[int, int], None] = lambda done, total: None

@@ -11,13 +11,14 @@ import traceback
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from wsi_amr.locks import LOCK, read_lock, slide_lock
 from wsi_amr.outputs import remove_stale_temporaries
+from wsi_amr.params import flag_text
 from wsi_amr.run.manifest import is_current, read_manifest, update_manifest
 from wsi_amr.run.task import JOBS, EmptySlide, JobContext, SlideResult, SlideTask
-from wsi_amr.slide import MissingMppError, SlideError, slide_stem
+from wsi_amr.slide import SlideError, slide_stem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -25,7 +26,7 @@ from wsi_amr.slide import MissingMppError, SlideError, slide_stem
 # ---------------------------------------------------------------------------------------------
 def _load_job(command: str) -> Callable[[JobContext], dict[str, Any]]:
     module, func = JOBS[command].split(":")
-    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+    return cast(Callable[[JobContext], dict[str, Any]], getattr(importlib.import_module(module), func))
 
 
 def run_task(task: SlideTask, progress: Callable[[int, int], None] | None = None) -> SlideResult:
@@ -62,10 +63,8 @@ def run_task(task: SlideTask, progress: Callable[[int, int], None] | None = None
             result.message = str(exc)
             result.outputs = exc.outputs
             result.stats = exc.stats
-        except MissingMppError as exc:
-            result.message = str(exc)
-        except SlideError as exc:
-            result.message = str(exc)
+        except SlideError as exc:  # MissingMppError too: the message names the options to set
+            result.message = flag_text(exc)
         except MemoryError:
             result.message = f"{path.name}: out of memory; try a coarser --mpp or fewer --jobs"
         except OSError as exc:

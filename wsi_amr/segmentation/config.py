@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from wsi_amr.errors import TrainingInputError
+from wsi_amr.params import carry, from_fields, naming, require, require_one_of
 from wsi_amr.quadtree import QuadtreeError, QuadtreeParams, is_power_of_two
+from wsi_amr.tissue import TissueParams
 
 #: Label value of pixels that carry no label (padding, unannotated slide area with
 #: ``unannotated="ignore"``); they add nothing to the loss or the Dice.
@@ -126,69 +128,132 @@ class TrainConfig:
         return replace(self.quadtree, max_size=max(fit, self.quadtree.min_size))
 
     def validate(self) -> None:  # noqa: C901 - one check per option, in the order --help lists them
-        """Raise :class:`TrainingInputError` with one line for the first bad option."""
-        def bad(message: str) -> TrainingInputError:
-            return TrainingInputError(message)
+        """Raise :class:`TrainingInputError` with one line for the first bad field, naming it."""
+        def bad(message: str, *fields: str) -> TrainingInputError:
+            return naming(TrainingInputError(message), *fields)
 
         if not self.images and not self.slides and not self.pairs:
-            raise bad("no training data: give --images (with --masks) or --slides with --annotations (or --pairs)")
+            raise bad("no training data: give images (with masks) or slides with annotations (or pairs)",
+                      "images", "masks", "slides", "annotations", "pairs")
         if len(self.slides) != len(self.annotations):
-            raise bad(f"--slides and --annotations pair up in order: got {len(self.slides)} slides "
-                      f"and {len(self.annotations)} annotation files")
+            raise bad(f"slides and annotations pair up in order: got {len(self.slides)} slide files "
+                      f"and {len(self.annotations)} annotation files", "slides", "annotations")
         if len(self.classes) < 2:
-            raise bad("--classes needs at least two names (background first), e.g. Background,Gland")
+            raise bad("classes needs at least two names (background first), e.g. Background,Gland", "classes")
         if len(set(self.classes)) != len(self.classes) or any(not c for c in self.classes):
-            raise bad(f"--classes must be distinct non-empty names, got {','.join(self.classes)}")
+            raise bad(f"classes must be distinct non-empty names, got {','.join(self.classes)}", "classes")
         if len(self.classes) > IGNORE:
-            raise bad(f"--classes: at most {IGNORE} classes")
+            raise bad(f"classes: at most {IGNORE} names", "classes")
         if self.colors is not None and len(self.colors) != len(self.classes):
-            raise bad(f"--colors gives {len(self.colors)} colours for {len(self.classes)} classes")
+            raise bad(f"colors gives {len(self.colors)} colours for {len(self.classes)} classes", "colors")
         if self.unannotated not in UNANNOTATED_MODES:
-            raise bad(f"--unannotated must be background or ignore, not {self.unannotated!r}")
+            raise bad(f"unannotated must be background or ignore, not {self.unannotated!r}", "unannotated")
         if self.patching not in PATCHING_MODES:
-            raise bad(f"--patching must be adaptive or uniform, not {self.patching!r}")
+            raise bad(f"patching must be adaptive or uniform, not {self.patching!r}", "patching")
         if not is_power_of_two(self.token_size):
-            raise bad(f"--token-size must be a power of two, got {self.token_size}")
+            raise bad(f"token_size must be a power of two, got {self.token_size}", "token_size")
         try:
             self.quadtree.validate()
         except QuadtreeError as exc:
-            raise bad(str(exc)) from None
+            raise carry(bad(str(exc)), exc) from None
         if self.token_size > self.quadtree.max_size:
-            raise bad(f"--token-size ({self.token_size}) is larger than --max-size ({self.quadtree.max_size})")
+            raise bad(f"token_size ({self.token_size}) is larger than max_size ({self.quadtree.max_size})",
+                      "token_size", "max_size")
         if self.crop < self.quadtree.min_size or self.crop < self.token_size:
-            raise bad(f"--crop ({self.crop}) is smaller than --min-size ({self.quadtree.min_size})")
-        for name, value in (("--mpp", self.mpp), ("--slide-mpp", self.slide_mpp)):
+            raise bad(f"crop ({self.crop}) is smaller than min_size ({self.quadtree.min_size})", "crop", "min_size")
+        for name in ("mpp", "slide_mpp"):
+            value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise bad(f"{name} must be a positive number of µm/px, got {value}")
-        for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
-                            ("--val-every", self.val_every), ("--log-every", self.log_every),
-                            ("--width", self.width), ("--depth", self.depth), ("--heads", self.heads)):
-            if value < 1:
-                raise bad(f"{name} must be at least 1, got {value}")
+                raise bad(f"{name} must be a positive number of µm/px, got {value}", name)
+        for name in ("steps", "batch_size", "val_every", "log_every", "width", "depth", "heads"):
+            if getattr(self, name) < 1:
+                raise bad(f"{name} must be at least 1, got {getattr(self, name)}", name)
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise bad(f"--lr must be a positive number, got {self.lr}")
+            raise bad(f"lr must be a positive number, got {self.lr}", "lr")
         if self.weight_decay < 0 or self.dice_weight < 0 or self.jitter < 0:
-            raise bad("--weight-decay, --dice-weight and --jitter must not be negative")
+            raise bad("weight_decay, dice_weight and jitter must not be negative", "weight_decay", "dice_weight",
+                      "jitter")
         if self.jitter > 1:
-            raise bad(f"--jitter is a fraction (0-1), got {self.jitter}")
-        for name, value in (("--glass", self.glass), ("--mosaic", self.mosaic)):
-            if not 0 <= value <= 1:
-                raise bad(f"{name} is a fraction of crops (0-1), got {value}")
+            raise bad(f"jitter is a fraction (0-1), got {self.jitter}", "jitter")
+        for name in ("glass", "mosaic"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(f"{name} is a fraction of crops (0-1), got {getattr(self, name)}", name)
         if self.glass + self.mosaic > 1:
-            raise bad(f"--glass + --mosaic is a fraction of crops and must not exceed 1, got {self.glass + self.mosaic}")
+            raise bad(f"glass + mosaic is a fraction of crops and must not exceed 1, got {self.glass + self.mosaic}",
+                      "glass", "mosaic")
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
-            raise bad(f"--warmup must be between 0 and --steps - 1, got {self.warmup}")
+            raise bad(f"warmup must be between 0 and steps - 1, got {self.warmup}", "warmup", "steps")
         if not 0 <= self.val_fraction < 1:
-            raise bad(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
+            raise bad(f"val_fraction must be at least 0 and below 1, got {self.val_fraction}", "val_fraction")
         if self.width % self.heads:
-            raise bad(f"--width ({self.width}) must be divisible by --heads ({self.heads})")
+            raise bad(f"width ({self.width}) must be divisible by heads ({self.heads})", "width", "heads")
         if self.threads is not None and self.threads < 1:
-            raise bad(f"--threads must be at least 1, got {self.threads}")
+            raise bad(f"threads must be at least 1, got {self.threads}", "threads")
         if self.resume and self.overwrite:
-            raise bad("--resume and --overwrite contradict each other; give one")
+            raise bad("resume and overwrite contradict each other; give one", "resume", "overwrite")
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["out"] = str(self.out)
         doc["quadtree"] = self.quadtree.as_dict()
         return doc
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """What ``wsi-amr segment`` does to each slide. ``model`` is the weights file and ``model_sha256``
+    its hash (so that new weights make old outputs out of date); ``patching`` and ``context`` None
+    take the model's own; ``shifts`` are the attention squares' offsets, one pass each (None: 0 and
+    half the square)."""
+
+    model: str
+    model_sha256: str | None = None
+    tissue: TissueParams = TissueParams()
+    patching: str | None = None
+    window: int = 2048
+    overlap: int = 128
+    context: int | None = None
+    shifts: tuple[int, ...] | None = None
+    simplify_um: float = 0.5
+    min_area_um2: float = 50.0
+    object_type: str = "annotation"
+    gzip: bool = False
+    mask_tiff: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.shifts is not None:
+            object.__setattr__(self, "shifts", tuple(int(v) for v in self.shifts))
+        require(self.patching in (None, "adaptive", "uniform"), f"patching must be adaptive or uniform, got {self.patching!r}",
+                "patching")
+        require_one_of("object_type", self.object_type, ("annotation", "detection"))
+        require(self.window >= 64 and 0 <= self.overlap <= self.window // 2,
+                f"window must be at least 64 px and overlap between 0 and half of it, got {self.window} and {self.overlap}",
+                "window", "overlap")
+        require(self.context is None or self.context >= 0,
+                f"context must be 0 or a positive number of px, got {self.context}", "context")
+        for name in ("simplify_um", "min_area_um2"):
+            value = getattr(self, name)
+            require(value >= 0, f"{name} must not be negative, got {value}", name)
+        if self.shifts is not None:
+            self._check_shifts(self.shifts)
+
+    def _check_shifts(self, s: tuple[int, ...]) -> None:
+        require(bool(s) and list(s) == sorted(set(s)) and s[0] >= 0,
+                f"shifts must be distinct offsets of 0 px or more in increasing order, got {list(s)}", "shifts")
+        require(s == (0,) or self.context != 0, "shifts moves the attention squares; with context 0 there are none",
+                "shifts", "context")
+        require(not self.context or s[-1] < self.context,
+                f"shifts must be below the attention square's side (context {self.context}), got {list(s)}",
+                "shifts", "context")
+
+    def as_dict(self) -> dict[str, Any]:
+        own = {k: v for k, v in asdict(self).items() if k != "tissue"}
+        own["shifts"] = list(self.shifts) if self.shifts is not None else None
+        order = ("model", "model_sha256", "patching", "window", "overlap", "context", "shifts", "simplify_um",
+                 "min_area_um2", "object_type", "gzip", "mask_tiff", "device")
+        return {"tissue": self.tissue.as_dict(), "segment": {k: own[k] for k in order}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegmentParams:
+        return from_fields(cls, {**data["segment"], "tissue": TissueParams.from_dict(data["tissue"])})

@@ -18,6 +18,7 @@ import numpy as np
 from wsi_amr.errors import TrainingDataError, TrainingInputError
 from wsi_amr.images import ImageError, read_rgb
 from wsi_amr.labels import label_ids, read_label_image
+from wsi_amr.params import carry, naming
 from wsi_amr.segmentation.config import IGNORE, IMAGE_EXTENSIONS, MASK_SUFFIXES, MAX_VALIDATION_SIDE, TrainConfig
 from wsi_amr.trainer import split_names
 
@@ -92,15 +93,15 @@ class SlideAnnotations:
                 warnings.simplefilter("always")
                 objects = read_geojson(geojson_path)
         except GeoJSONError as exc:
-            raise TrainingDataError(str(exc)) from None
+            raise carry(TrainingDataError(str(exc)), exc) from None
         self.warnings = [str(w.message) for w in caught]
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted({o.class_name for o in objects if o.class_name is not None and o.class_name not in index})
         if unknown:
-            raise TrainingDataError(
-                f"{geojson_path}: unknown class{'es' if len(unknown) > 1 else ''} "
-                f"{', '.join(repr(u) for u in unknown)} (--classes is {','.join(classes)}); add "
-                f"{'them' if len(unknown) > 1 else 'it'} to --classes")
+            raise naming(TrainingDataError(
+                f"{geojson_path}: unknown {'class names' if len(unknown) > 1 else 'class'} "
+                f"{', '.join(repr(u) for u in unknown)}: add {'them' if len(unknown) > 1 else 'it'} to classes "
+                f"(now {','.join(classes)})"), "classes")
         geoms, labels = [], []
         for obj in objects:
             parts = polygonal_parts(obj.geometry)
@@ -112,16 +113,16 @@ class SlideAnnotations:
         try:
             self.slide = open_slide(slide_path, slide_mpp=slide_mpp)
         except SlideError as exc:
-            raise TrainingDataError(str(exc)) from None
+            raise carry(TrainingDataError(str(exc)), exc) from None
         try:
             self.mpp = mpp if mpp is not None else self.slide.require_mpp()
             self.downsample = self.slide.downsample_for(Resolution(mpp=self.mpp))
         except MissingMppError as exc:
             self.slide.close()
-            raise TrainingInputError(str(exc)) from None
+            raise carry(TrainingInputError(str(exc)), exc) from None
         except SlideError as exc:
             self.slide.close()
-            raise TrainingInputError(str(exc)) from None
+            raise carry(TrainingInputError(str(exc)), exc) from None
         areas = np.array([g.area for g in geoms])
         order = np.argsort(-areas, kind="stable")  # paint large first
         self.geoms = [geoms[i] for i in order]
@@ -180,9 +181,9 @@ def mask_to_labels(raw: np.ndarray, num_classes: int, path: Path | str) -> np.nd
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:
         shown = ", ".join(str(v) for v in bad[:5].tolist()) + (" ..." if bad.size > 5 else "")
-        raise TrainingDataError(
-            f"{path}: mask has label values {shown} outside 0..{num_classes - 1} ({num_classes} classes); "
-            "name one class per label value, or use a binary 0/255 mask")
+        raise naming(TrainingDataError(
+            f"{path}: mask has label values {shown} outside 0..{num_classes - 1} ({num_classes} class names); "
+            "give classes with one name per label, or use a binary 0/255 mask"), "classes")
     return ids.astype(np.uint8)
 
 
@@ -199,17 +200,18 @@ def resolve_images(specs: Sequence[str]) -> list[Path]:
             hits = [Path(h) for h in sorted(glob.glob(str(p), recursive=True))]
             hits = [h for h in hits if h.is_file() and h.suffix.lower() in IMAGE_EXTENSIONS]
             if not hits:
-                raise TrainingInputError(f"--images {spec}: matches no image files")
+                raise naming(TrainingInputError(f"images {spec}: matches no image files"), "images")
             found.extend(hits)
         elif p.is_dir():
             hits = sorted(h for h in p.iterdir() if h.is_file() and h.suffix.lower() in IMAGE_EXTENSIONS)
             if not hits:
-                raise TrainingInputError(f"--images {spec}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise naming(TrainingInputError(f"images {spec}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})"),
+                             "images")
             found.extend(hits)
         elif p.is_file():
             found.append(p)
         else:
-            raise TrainingInputError(f"--images {spec}: no such file or folder")
+            raise naming(TrainingInputError(f"images {spec}: no such file or folder"), "images")
     seen: dict[Path, None] = {}
     for f in found:
         seen.setdefault(f.resolve(), None)
@@ -236,9 +238,9 @@ def match_masks(images: Sequence[Path], masks: str | None) -> list[tuple[Path, P
         if folder not in indexes:
             if not folder.is_dir():
                 if masks is not None:
-                    raise TrainingInputError(f"--masks {masks}: no such folder")
-                raise TrainingInputError(f"{img}: no --masks folder given and none at {folder}; "
-                                         "give --masks DIR")
+                    raise naming(TrainingInputError(f"masks {masks}: no such folder"), "masks")
+                raise naming(TrainingInputError(f"{img}: masks (a folder of label masks) not given and none at "
+                                                f"{folder}"), "masks")
             indexes[folder] = _mask_index(folder)
         index = indexes[folder]
         hit = index.get(img.name) if folder.resolve() != img.parent.resolve() else None
@@ -279,14 +281,14 @@ def read_pairs_csv(path: str) -> tuple[list[str], list[str]]:
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TrainingInputError(f"--pairs {path}: no such file")
+        raise naming(TrainingInputError(f"pairs {path}: no such file"), "pairs")
     try:
         with open(p, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise TrainingInputError(f"--pairs {path}: not a readable CSV ({exc})") from None
+        raise naming(TrainingInputError(f"pairs {path}: not a readable CSV ({exc})"), "pairs") from None
     if not rows or not {"slide", "annotations"} <= {(k or "").strip() for k in rows[0]}:
-        raise TrainingInputError(f"--pairs {path}: needs a header 'slide,annotations' and at least one row")
+        raise naming(TrainingInputError(f"pairs {path}: needs a header 'slide,annotations' and at least one row"), "pairs")
     slides, annotations = [], []
     for row in rows:
         clean = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -325,7 +327,7 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:  # noqa: C901 - each i
             named = [p for p in image_pairs if any(fnmatch.fnmatch(p[0].name, pat) or fnmatch.fnmatch(p[0].stem, pat)
                                                    for pat in val_patterns)]
             if not named:
-                raise TrainingInputError(f"--val-images {' '.join(val_patterns)}: matches none of the training images")
+                raise naming(TrainingInputError(f"val_images {' '.join(val_patterns)}: matches none of the training images"), "val_images")
             val_pairs += named
         held = {p[0].resolve() for p in val_pairs}
         image_pairs = [p for p in image_pairs if p[0].resolve() not in held]
@@ -382,4 +384,4 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:  # noqa: C901 - each i
         "train_items": len(train), "train_names": [s.name for s in train][:1000],
         "val_names": [v.name for v in val], "unannotated": cfg.unannotated, "warnings": warned,
     }
-    return TrainingData(train, val, float(mpp), description, closers)
+    return TrainingData(train, val, float(mpp or 0.62), description, closers)

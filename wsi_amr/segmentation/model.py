@@ -77,7 +77,7 @@ class TokenSegmenter(nn.Module):
         flat = tokens.reshape(b, length, p * p * c)
         x = self.embed(flat) + self.geometry(geometry)
         # Without padding there is nothing to mask: no mask lets attention use its fused,
-        # memory-efficient kernels (2-3x faster on CPU at thousands of tokens, same outputs).
+        # memory-efficient kernels (faster on CPU at thousands of tokens, same outputs).
         padding = None if bool(mask.all()) else ~mask
         x = self.encoder(x, src_key_padding_mask=padding)
         x = self.norm(x)

@@ -16,6 +16,7 @@ from wsi_amr.checkpoint import save_checkpoint
 from wsi_amr.ddp import Group
 from wsi_amr.errors import TrainingInputError, TrainingInterrupted
 from wsi_amr.metrics import dice_counts, dice_scores
+from wsi_amr.params import naming
 from wsi_amr.quadtree import QuadtreeParams
 from wsi_amr.segmentation.augment import make_batch
 from wsi_amr.segmentation.config import DEFAULT_COLORS, MAX_SEQUENCE, TrainConfig
@@ -102,7 +103,7 @@ def train_segmenter(cfg: TrainConfig, progress: ProgressFn | None = None) -> dic
     cfg.validate()
     notes = []
     if cfg.crop_quadtree() != cfg.quadtree:
-        notes.append(f"--max-size {cfg.quadtree.max_size} is larger than --crop {cfg.crop}: leaves are at most "
+        notes.append(f"max_size {cfg.quadtree.max_size} is larger than the crop ({cfg.crop} px): leaves are at most "
                      f"{cfg.crop_quadtree().max_size} px (recorded in the model card)")
         cfg = replace(cfg, quadtree=cfg.crop_quadtree())
     with run_folder(cfg) as (device, group):
@@ -133,7 +134,8 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, group: Gr
         step, best_dice, best_step = int(doc["step"]), float(doc["best_dice"]), int(doc["best_step"])
         seconds_before = float(doc.get("seconds", 0.0))
         if step >= cfg.steps:
-            raise TrainingInputError(f"--resume: {out} has already done {step} steps; give a larger --steps to go on")
+            raise naming(TrainingInputError(f"resume: {out} has already done {step} steps; give a larger number of "
+                                            "steps to go on"), "resume")
         if group.is_main:
             trim_metrics(metrics, step)
     weights = np.array([s.area for s in data.train], np.float64)
@@ -248,7 +250,7 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, group: Gr
         "steps": step,
         "validation": has_val,
         "warnings": list(data.description.get("warnings", []))
-        + ([] if has_val else ["no validation images (one image or slide, or --val-fraction 0): "
+        + ([] if has_val else ["no validation images (one image or slide, or a validation fraction of 0): "
                                "best.* is the last model"]),
         "paths": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors"),
                   "state": str(out / "last-state.safetensors"), "metrics": str(metrics)},

@@ -9,6 +9,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon, box
 
+from wsi_amr.params import ParameterError
 from wsi_amr.polygons import mask_to_polygons, polygonal_parts
 from wsi_amr.tiling import Block
 
@@ -58,7 +59,7 @@ def blend_stream(
     its probabilities pass through untouched.
     """
     if overlap and window < 2 * overlap:
-        raise ValueError(f"--overlap ({overlap}) must be at most half the window ({window})")
+        raise ParameterError(f"overlap ({overlap}) must be at most half the window ({window} px)", "overlap")
     k, ov = num_classes, overlap
     xs, ys = window_starts(width, window, overlap), window_starts(height, window, overlap)
     bottom = np.zeros((ov, width, k), np.float32)  # carried to the next row of windows
@@ -88,7 +89,7 @@ def blend_stream(
                 acc[y_band] *= y_ramp[y_band, None, None]
                 acc[:, x_band] *= x_ramp[None, x_band, None]
                 wgt = np.outer(y_ramp, x_ramp)
-            if right is not None:  # the previous window's share of this window's left columns
+            if right is not None and right_w is not None:  # the previous window's share of its left columns
                 acc[:emit_h, :ov] += right
                 wgt[:emit_h, :ov] += right_w
             if i > 0:  # the row above's share of the top rows (its left columns came with `right`)
