@@ -22,15 +22,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties counted half)."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--glas", type=Path, default=REPO.parent / "shared" / "data" / "glas")
@@ -48,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from glas import glas_grades  # bench/glas.py
 
+    from wsi_amr.images import read_rgb
     from wsi_amr.ips.bags import image_patches
     from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, select_then_forward
-    from wsi_amr.segmentation.data import read_image
+    from wsi_amr.metrics import roc_auc
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -58,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     grades = glas_grades(args.glas / "grade.csv")
     bags = {}
     for name, grade in grades.items():
-        patches, _ = image_patches(read_image(args.glas / "images" / f"{name}.png"), args.patch)
+        patches, _ = image_patches(read_rgb(args.glas / "images" / f"{name}.png"), args.patch)
         bags[name] = (patches, int(grade == "malignant"))
     train = sorted(n for n in bags if n.startswith("train_"))
     val = set(rng.choice(train, size=len(train) // 6, replace=False).tolist())
@@ -91,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         pred = (p >= 0.5).astype(int)
         sens = (pred[y == 1] == 1).mean() if (y == 1).any() else float("nan")
         spec = (pred[y == 0] == 0).mean() if (y == 0).any() else float("nan")
+        auc = roc_auc(p, y == 1)
         return {"accuracy": round(float((pred == y).mean()), 4), "balanced_accuracy": round(float((sens + spec) / 2), 4),
-                "auc": round(auc(p, y), 4)}
+                "auc": round(float("nan") if auc is None else auc, 4)}
 
     out = []
     t0 = time.perf_counter()

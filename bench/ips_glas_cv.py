@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_amr.evaluation import roc_auc
+from wsi_amr.metrics import roc_auc
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ["-M", "16", "-I", "16", "--batch-size", "8"]  # GlaS images have at most 12 patches of 256 px

@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from glas import glas_grades  # bench/glas.py
 
+    from wsi_amr.images import read_rgb
     from wsi_amr.ips.bags import image_patches, write_feature_file
-    from wsi_amr.segmentation.data import read_image
 
     torch.set_num_threads(args.threads)
     feats = args.out / "features"
@@ -159,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     grades = sorted(glas_grades(args.glas / "grade.csv").items())
     target = None
     if args.stain == "reinhard":  # the reference colour comes from the training images only
-        target = np.mean([lab_stats(read_image(args.glas / "images" / f"{name}.png"))
+        target = np.mean([lab_stats(read_rgb(args.glas / "images" / f"{name}.png"))
                           for name, _ in grades if name.startswith("train_")], axis=0)
     bags = {}
     with torch.no_grad():
         for name, grade in grades:
-            image = read_image(args.glas / "images" / f"{name}.png")
+            image = read_rgb(args.glas / "images" / f"{name}.png")
             if target is not None:
                 image = reinhard(image, target)
             patches, coords = image_patches(image, args.patch)

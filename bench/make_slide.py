@@ -128,17 +128,18 @@ def list_sources(glas_dir: str | os.PathLike[str], images: str = "testA", exclud
 
 
 def load_sources(glas_dir: str | os.PathLike[str], images: str = "testA", exclude: Sequence[str] = ()) -> Sources:
+    from wsi_amr.images import read_rgb
+    from wsi_amr.labels import read_label_image
+
     glas_dir = Path(glas_dir)
     names = list_sources(glas_dir, images, exclude)
     imgs, masks = [], []
     for name in names:
-        bgr = cv2.imread(str(glas_dir / "images" / name), cv2.IMREAD_COLOR)
-        mask = cv2.imread(str(glas_dir / "masks" / name), cv2.IMREAD_GRAYSCALE)
-        if bgr is None or mask is None:
-            raise OSError(f"cannot read GlaS image or mask {name} in {glas_dir}")
-        if mask.shape != bgr.shape[:2]:
-            raise ValueError(f"GlaS mask {name} is {mask.shape}, image {bgr.shape[:2]}")
-        imgs.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        rgb = read_rgb(glas_dir / "images" / name)
+        mask = read_label_image(glas_dir / "masks" / name)
+        if mask.shape != rgb.shape[:2]:
+            raise ValueError(f"GlaS mask {name} is {mask.shape}, image {rgb.shape[:2]}")
+        imgs.append(rgb)
         masks.append((mask > 127).astype(np.uint8))
     return Sources(names, imgs, masks)
 
@@ -796,6 +797,8 @@ def verify_slide(
     """
     import openslide
 
+    from wsi_amr.images import read_rgb
+
     placements, names = load_placements(result["json"])
     glas = Path(glas_dir or result["params"]["glas_dir"])
     want_levels = [tuple(s) for s in result["levels"]]
@@ -819,8 +822,7 @@ def verify_slide(
         diffs: dict[int, list[float]] = {lv: [] for lv in levels if lv < len(want_levels)}
         for i in rng.choice(len(placements), min(n_check, len(placements)), replace=False):
             p = placements[int(i)]
-            bgr = cv2.imread(str(glas / "images" / names[p.src]), cv2.IMREAD_COLOR)
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            rgb = read_rgb(glas / "images" / names[p.src])
             for lv in diffs:
                 (x0, y0, x1, y1), want = expected_region(p, rgb, lv)
                 d = 2**lv

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from wsi_amr.segmentation.data import read_image, read_mask
+    from wsi_amr.images import read_rgb
+    from wsi_amr.labels import read_label_image
+    from wsi_amr.metrics import binary_counts, class_dice
     from wsi_amr.segmentation.model import load_checkpoint
     from wsi_amr.segmentation.predict import default_shifts, make_leaves, patching_from_card, predict_leaves, training_context
 
@@ -61,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     for path in paths:
-        image = read_image(path)
-        truth = read_mask(args.glas / "masks" / path.name) > 0
+        image = read_rgb(path)
+        truth = read_label_image(args.glas / "masks" / path.name) > 0
         leaves = make_leaves(image, params, mode)
         for key, ctx in (("context", context), ("whole", None)):
             pred = predict_leaves(model, card, image, leaves, relative_to=params.max_size, context=ctx,
                                   shifts=shifts).argmax(2) > 0
-            counts[key].append(((pred & truth).sum(), pred.sum(), truth.sum()))
+            counts[key].append(binary_counts(pred, truth))
         if args.placed:
             h, w = truth.shape
             ox, oy = (int(v) for v in rng.integers(0, params.max_size, 2))
@@ -78,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             placed = make_leaves(canvas, params, mode, tissue)
             pred = predict_leaves(model, card, canvas, placed, relative_to=params.max_size, context=context,
                                   shifts=shifts).argmax(2)[oy:oy + h, ox:ox + w] > 0
-            counts["placed"].append(((pred & truth).sum(), pred.sum(), truth.sum()))
+            counts["placed"].append(binary_counts(pred, truth))
     out = {"model": str(args.model), "images": len(paths), "context": context, "shifts": list(shifts), "seconds": round(time.perf_counter() - t0, 1)}
     for key, rows in counts.items():
-        c = np.array(rows, np.float64)
-        out[f"{key}_pooled"] = round(float(2 * c[:, 0].sum() / (c[:, 1].sum() + c[:, 2].sum())), 4)
-        out[f"{key}_per_image"] = round(float(np.mean(2 * c[:, 0] / np.maximum(c[:, 1] + c[:, 2], 1))), 4)
+        c = np.array(rows, np.int64)  # per image: pixels in both, predicted, true
+        out[f"{key}_pooled"] = round(class_dice(c.sum(axis=0, keepdims=True))[0], 4)
+        out[f"{key}_per_image"] = round(float(np.mean(class_dice(c, absent=0.0))), 4)  # an empty image: 0
     print(json.dumps(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")

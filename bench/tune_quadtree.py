@@ -52,8 +52,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wsi_amr.images import read_rgb
+from wsi_amr.labels import read_label_image
+from wsi_amr.metrics import dice
 from wsi_amr.quadtree import Leaves, QuadtreeParams, build_quadtree, edge_map, uniform_leaves, uniform_token_count
-from wsi_amr.tokens import dice, labels_round_trip  # noqa: E402
+from wsi_amr.tokens import labels_round_trip  # noqa: E402
 
 GLAS = REPO.parent / "shared" / "data" / "glas"
 GLAS_MPP = 0.62
@@ -106,11 +109,7 @@ def make_grid(blurs: Sequence[int], cannys: Sequence[tuple[float, float]], thres
 
 def load_pair(image: str, masks: Path) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 image and its 0/1 mask (mask files: same name, 0 background, >127 foreground)."""
-    bgr = cv2.imread(image, cv2.IMREAD_COLOR)
-    mask = cv2.imread(str(masks / Path(image).name), cv2.IMREAD_GRAYSCALE)
-    if bgr is None or mask is None:
-        raise OSError(f"cannot read {image} or its mask in {masks}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (mask > 127).astype(np.uint8)
+    return read_rgb(Path(image)), (read_label_image(masks / Path(image).name) > 127).astype(np.uint8)
 
 
 def uniform_references(grid: list[Setting]) -> list[tuple[int, int]]:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_amr.evaluation import classification_scores, roc_auc
 from wsi_amr.geojson import validate_feature
 from wsi_amr.ips.bags import FeatureBag, LabelledBag, write_feature_file
 from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, score_all, select_top_m
 from wsi_amr.ips.predict import EncoderError, TorchScriptEncoder, open_feature_bag, predict_bag
 from wsi_amr.ips.train import draw_bags, is_better, stratified_split
 from wsi_amr.jobs.classify import attention_features, draw_attention
+from wsi_amr.metrics import classification_scores, roc_auc
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

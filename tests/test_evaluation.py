@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from wsi_amr.evaluation import EvaluationError, confusion_matrix, evaluate_pair, scores_from_confusion
+from wsi_amr.evaluation import EvaluationError, evaluate_pair
 from wsi_amr.geojson import PathClass, make_feature, write_geojson
+from wsi_amr.metrics import confusion_matrix, scores_from_confusion
 
 
 def test_dice_and_iou_from_counts():

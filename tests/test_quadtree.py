@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from wsi_amr.metrics import dice
 from wsi_amr.quadtree import Leaves, QuadtreeError, QuadtreeParams, build_quadtree, edge_map, morton_order, uniform_leaves, uniform_token_count
-from wsi_amr.tokens import detokenise, dice, labels_round_trip, pad_tokens, token_geometry, tokenise
+from wsi_amr.tokens import detokenise, labels_round_trip, pad_tokens, token_geometry, tokenise
 
 
 def coverage(leaves: Leaves, shape) -> np.ndarray:

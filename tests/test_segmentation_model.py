@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from wsi_amr.checkpoint import CheckpointError, save_checkpoint
+from wsi_amr.metrics import dice
 from wsi_amr.quadtree import QuadtreeParams, build_quadtree, edge_map, uniform_leaves
 from wsi_amr.segmentation.config import SegmenterConfig
 from wsi_amr.segmentation.model import ModelCard, TokenSegmenter, load_checkpoint
-from wsi_amr.tokens import detokenise, dice, pad_tokens, token_geometry, tokenise
+from wsi_amr.tokens import detokenise, pad_tokens, token_geometry, tokenise
 
 SMALL = SegmenterConfig(token_size=4, width=32, depth=2, heads=4)
 

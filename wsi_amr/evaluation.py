@@ -1,55 +1,38 @@
-"""Metrics: Dice and IoU per class for segmentation; accuracy, balanced accuracy, AUC and the
-confusion matrix for slide classification.
+"""What ``evaluate`` compares: predictions and references read onto one pixel grid, paired by
+file. The scores themselves are computed by :mod:`wsi_amr.metrics`.
 
-Segmentation predictions and references can each be a label image (PNG/TIFF; binary 0/255
-masks read as 0/1) or a GeoJSON of polygons in level-0 px (rasterised with class names mapped
-to label ids). Both are compared on one pixel grid: the label image's, or level 0 divided by
-``downsample``. Classification compares class probabilities per slide with reference labels.
+Segmentation predictions and references can each be a label image (read by
+:func:`wsi_amr.labels.read_label_image`, which lists the files accepted; binary 0/255 masks read
+as 0/1) or a GeoJSON of polygons in level-0 px (rasterised with class names mapped to label ids).
+Both are compared on one pixel grid: the label image's, or level 0 divided by ``downsample``.
+Classification compares class probabilities per slide (``classify`` outputs) with reference labels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from wsi_amr.geojson import GeoJSONError, read_geojson
+from wsi_amr.images import ImageError
+from wsi_amr.labels import label_ids, read_label_image
+from wsi_amr.metrics import EvaluationError, Scores, confusion_matrix, scores_from_confusion
 from wsi_amr.polygons import rasterize_polygons
 
 GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")
-
-
-class EvaluationError(ValueError):
-    """Inputs that cannot be compared; one line for the user."""
-
 
 def is_geojson(path: Path) -> bool:
     return path.name.lower().endswith(GEOJSON_SUFFIXES)
 
 
-def read_label_image(path: Path) -> np.ndarray:
-    """A label image as int32: values as stored, except binary 0/255 masks which become 0/1."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            arr = tifffile.imread(path, level=0) if path.exists() else None
-        except Exception as exc:
-            raise EvaluationError(f"{path}: not a readable label image ({exc})") from exc
-    else:
-        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise EvaluationError(f"{path}: not a readable label image")
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    arr = arr.astype(np.int32)
-    values = np.unique(arr)
-    if set(values.tolist()) <= {0, 255}:
-        arr = (arr > 0).astype(np.int32)
-    return arr
+def _label_image(path: Path) -> np.ndarray:
+    """A label image's label ids as int32 (a binary 0/255 mask as 0/1); EvaluationError when refused."""
+    try:
+        return label_ids(read_label_image(path)).astype(np.int32)
+    except ImageError as exc:
+        raise EvaluationError(str(exc)) from None
 
 
 def _read(path: Path) -> list[Any]:
@@ -98,7 +81,7 @@ def load_labels(path: Path, *, shape: tuple[int, int], downsample: float, classe
         raise EvaluationError(f"{path}: no such file")
     if is_geojson(path):
         return rasterise_geojson(path, shape, downsample, classes)
-    labels = read_label_image(path)
+    labels = _label_image(path)
     if labels.shape != shape:
         raise EvaluationError(f"{path}: label image is {labels.shape[1]}x{labels.shape[0]}, the other input is {shape[1]}x{shape[0]}")
     return labels
@@ -113,62 +96,6 @@ def _geojson_extent(path: Path) -> tuple[float, float]:
     return maxx, maxy
 
 
-@dataclass
-class Scores:
-    """Per-class and mean Dice / IoU, from a confusion matrix of pixel counts."""
-
-    classes: list[str]
-    dice: list[float]
-    iou: list[float]
-    pixels_reference: list[int]
-    pixels_prediction: list[int]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def mean_dice(self) -> float:
-        return float(np.mean(self.dice)) if self.dice else float("nan")
-
-    @property
-    def mean_iou(self) -> float:
-        return float(np.mean(self.iou)) if self.iou else float("nan")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "classes": self.classes,
-            "dice": dict(zip(self.classes, self.dice)),
-            "iou": dict(zip(self.classes, self.iou)),
-            "mean_dice": self.mean_dice,
-            "mean_iou": self.mean_iou,
-            "pixels_reference": dict(zip(self.classes, self.pixels_reference)),
-            "pixels_prediction": dict(zip(self.classes, self.pixels_prediction)),
-            **self.extra,
-        }
-
-
-def confusion_matrix(pred: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
-    """(k, k) int64 counts, rows = reference label, columns = predicted label."""
-    if pred.shape != ref.shape:
-        raise EvaluationError(f"prediction is {pred.shape[1]}x{pred.shape[0]}, reference {ref.shape[1]}x{ref.shape[0]}")
-    p = np.clip(pred.ravel(), 0, k - 1).astype(np.int64)
-    r = np.clip(ref.ravel(), 0, k - 1).astype(np.int64)
-    return np.bincount(r * k + p, minlength=k * k).reshape(k, k)
-
-
-def scores_from_confusion(conf: np.ndarray, classes: list[str]) -> Scores:
-    """Dice and IoU of every foreground class (label 1..k-1); a class absent from both is 1.0."""
-    dice, iou, n_ref, n_pred = [], [], [], []
-    for c in range(1, conf.shape[0]):
-        tp = int(conf[c, c])
-        ref = int(conf[c].sum())
-        pred = int(conf[:, c].sum())
-        union = ref + pred - tp
-        dice.append(1.0 if ref + pred == 0 else 2 * tp / (ref + pred))
-        iou.append(1.0 if union == 0 else tp / union)
-        n_ref.append(ref)
-        n_pred.append(pred)
-    return Scores(classes, dice, iou, n_ref, n_pred)
-
-
 def evaluate_pair(
     pred_path: Path, ref_path: Path, *, classes: list[str] | None = None, downsample: float = 1.0,
     size: tuple[int, int] | None = None,
@@ -180,13 +107,13 @@ def evaluate_pair(
     the extent of the objects) divided by ``downsample``.
     """
     if not downsample > 0:
-        raise EvaluationError(f"--downsample must be positive, got {downsample}")
+        raise EvaluationError(f"downsample (level-0 px per compared pixel) must be positive, got {downsample}")
     for p in (pred_path, ref_path):
         if not p.exists():
             raise EvaluationError(f"{p}: no such file")
     images = [p for p in (ref_path, pred_path) if not is_geojson(p)]
     if images:
-        shape = read_label_image(images[0]).shape
+        shape = _label_image(images[0]).shape
     else:
         if size is None:
             extents = [_geojson_extent(p) for p in (ref_path, pred_path)]
@@ -201,74 +128,6 @@ def evaluate_pair(
     names = [classes[i - 1] if i - 1 < len(classes) else f"class {i}" for i in range(1, k)]
     conf = confusion_matrix(pred, ref, k)
     return scores_from_confusion(conf, names), conf
-
-
-# -- classification ---------------------------------------------------------------------------
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """Area under the ROC curve of ``scores`` for the ``positive`` (bool) items: the probability
-    that a positive scores above a negative, ties counting half (Mann-Whitney U). None when
-    either side is empty."""
-    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
-    # Every positive-negative pair: plain and exact for the slide counts of a study.
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
-
-
-@dataclass
-class ClassificationScores:
-    """Slide classification against reference labels.
-
-    ``confusion`` (K, K): rows the reference class, columns the predicted (most probable) one.
-    ``balanced_accuracy``: mean recall over the classes that occur in the reference. ``auc``:
-    binary, the AUC of the second class's probability; multi-class, the one-vs-rest AUC averaged
-    over classes (macro) that have both positives and negatives; None when no class has.
-    """
-
-    classes: list[str]
-    confusion: np.ndarray
-    accuracy: float
-    balanced_accuracy: float
-    auc: float | None
-    auc_per_class: dict[str, float | None]
-
-    @property
-    def n(self) -> int:
-        return int(self.confusion.sum())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"classes": self.classes, "n": self.n, "accuracy": self.accuracy,
-                "balanced_accuracy": self.balanced_accuracy, "auc": self.auc,
-                "auc_per_class": self.auc_per_class, "confusion_matrix": self.confusion.tolist()}
-
-
-def classification_scores(labels: Any, probabilities: Any, classes: list[str]) -> ClassificationScores:
-    """Scores of class ``probabilities`` (n, K) against reference ``labels`` (n,) ids 0..K-1."""
-    y = np.asarray(labels, np.int64).reshape(-1)
-    p = np.asarray(probabilities, np.float64).reshape(len(y), -1)
-    k = len(classes)
-    if p.shape[1] != k:
-        raise EvaluationError(f"{p.shape[1]} probabilities per item for {k} classes")
-    if len(y) == 0:
-        raise EvaluationError("no items to score")
-    if y.min() < 0 or y.max() >= k:
-        raise EvaluationError(f"labels must be class ids 0..{k - 1}")
-    pred = p.argmax(axis=1)
-    conf = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-    present = conf.sum(axis=1) > 0
-    recall = np.diag(conf)[present] / conf.sum(axis=1)[present]
-    if k == 2:
-        per_class = {classes[1]: roc_auc(p[:, 1], y == 1)}
-        auc = per_class[classes[1]]
-    else:
-        per_class = {c: roc_auc(p[:, i], y == i) for i, c in enumerate(classes)}
-        defined = [v for v in per_class.values() if v is not None]
-        auc = float(np.mean(defined)) if defined else None
-    return ClassificationScores(list(classes), conf, float((pred == y).mean()), float(recall.mean()), auc, per_class)
 
 
 def read_predictions(pred: Path) -> tuple[list[str], dict[str, np.ndarray]]:

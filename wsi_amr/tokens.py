@@ -223,10 +223,3 @@ def labels_round_trip(labels: np.ndarray, leaves: Leaves, token_size: int, num_c
     # Pixels under no leaf keep fractions of zero everywhere, so argmax gives them background (0).
     back = detokenise(fractions, leaves, labels.shape, fill=0, interpolation=interpolation)
     return back.argmax(axis=2).astype(labels.dtype)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks (1.0 when both are empty)."""
-    a, b = a.astype(bool), b.astype(bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total

@@ -21,15 +21,12 @@ import typer
 from wsi_amr.cli.options import fail
 from wsi_amr.evaluation import (
     GEOJSON_SUFFIXES,
-    ClassificationScores,
     EvaluationError,
-    Scores,
     classes_of,
-    classification_scores,
     evaluate_pair,
     read_predictions,
-    scores_from_confusion,
 )
+from wsi_amr.metrics import ClassificationScores, Scores, classification_scores, scores_from_confusion
 from wsi_amr.params import carry, flag_text
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")

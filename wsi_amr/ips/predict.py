@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wsi_amr import images
 from wsi_amr.checkpoint import CheckpointError, file_sha256
 from wsi_amr.ips.bags import BagError, FeatureBag, ImagePatches, SlidePatches, covering_grid
 from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, score_all, select_top_m
@@ -191,13 +192,12 @@ def is_feature_file(path: Path) -> bool:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of an image file; BagError when it cannot be decoded."""
-    import cv2
-
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise BagError(f"{path}: not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    """RGB uint8 (H, W, 3) of an image file (:func:`wsi_amr.images.read_rgb`); BagError, as every
+    bag reader raises, when it cannot be decoded."""
+    try:
+        return images.read_rgb(path)
+    except images.ImageError as exc:
+        raise BagError(str(exc)) from None
 
 
 def open_feature_bag(path: Path, expected_dim: int | None = None, patch_level0: float | None = None) -> Bag:

@@ -37,7 +37,6 @@ from wsi_amr import __version__
 from wsi_amr.checkpoint import file_sha256
 from wsi_amr.ddp import Group
 from wsi_amr.errors import TrainingDataError, TrainingInputError, TrainingInterrupted
-from wsi_amr.evaluation import classification_scores
 from wsi_amr.ips.bags import BagError, LabelledBag, covering_grid, read_labels_csv
 from wsi_amr.ips.model import IPSConfig, IPSModel, iter_chunks, save_ips, select_then_forward
 from wsi_amr.ips.predict import (
@@ -54,6 +53,7 @@ from wsi_amr.ips.predict import (
     read_rgb,
     slide_patch_grid,
 )
+from wsi_amr.metrics import classification_scores
 from wsi_amr.params import carry, naming
 from wsi_amr.slide import MissingMppError, SlideError, open_slide
 from wsi_amr.tissue import TissueParams

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
 from wsi_amr.errors import TrainingDataError, TrainingInputError
+from wsi_amr.images import ImageError, read_rgb
+from wsi_amr.labels import label_ids, read_label_image
 from wsi_amr.params import carry, naming
 from wsi_amr.segmentation.config import IGNORE, IMAGE_EXTENSIONS, MASK_SUFFIXES, MAX_VALIDATION_SIDE, TrainConfig
 from wsi_amr.trainer import split_names
@@ -173,54 +174,17 @@ class SlideAnnotations:
         self.slide.close()
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from an image file; TrainingDataError when it cannot be decoded."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise TrainingDataError(f"{path}: not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """The raw values of a label image (H, W); palette PNGs give their palette indices."""
-    raw: np.ndarray | None
-    try:
-        from PIL import Image
-    except ImportError:  # Pillow is optional: OpenCV expands palettes, so indices need Pillow
-        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    else:
-        try:
-            with Image.open(path) as opened:
-                im: Image.Image = opened
-                if im.mode in ("LA", "PA"):  # grey or palette index plus alpha: keep the first
-                    im = im.getchannel(0)
-                elif im.mode == "RGBA":
-                    im = im.convert("RGB")
-                raw = np.asarray(im)
-        except (OSError, ValueError):
-            raw = None
-    if raw is None:
-        raise TrainingDataError(f"{path}: not a readable mask image")
-    if raw.ndim == 3:
-        if not (np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])):
-            raise TrainingDataError(f"{path}: colour mask; masks must be single-channel label images "
-                                    "(0..K-1 per pixel, or 0/255 for binary)")
-        raw = raw[..., 0]
-    return raw
-
-
 def mask_to_labels(raw: np.ndarray, num_classes: int, path: Path | str) -> np.ndarray:
     """Label ids (uint8) from mask values: 0..K-1 as they are, binary 0/255 as 0/1."""
-    values = np.unique(raw)
-    if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
-        return (raw == 255).astype(np.uint8)
+    ids = label_ids(raw)
+    values = np.unique(ids)
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:
         shown = ", ".join(str(v) for v in bad[:5].tolist()) + (" ..." if bad.size > 5 else "")
         raise naming(TrainingDataError(
             f"{path}: mask has label values {shown} outside 0..{num_classes - 1} ({num_classes} class names); "
             "give classes with one name per label, or use a binary 0/255 mask"), "classes")
-    return raw.astype(np.uint8)
+    return ids.astype(np.uint8)
 
 
 def _has_magic(s: str) -> bool:
@@ -298,8 +262,12 @@ def match_masks(images: Sequence[Path], masks: str | None) -> list[tuple[Path, P
 
 
 def load_labelled_image(image_path: Path, mask_path: Path, num_classes: int) -> LabelledImage:
-    image = read_image(image_path)
-    labels = mask_to_labels(read_mask(mask_path), num_classes, mask_path)
+    try:
+        image = read_rgb(image_path)
+        raw = read_label_image(mask_path)
+    except ImageError as exc:
+        raise TrainingDataError(str(exc)) from None
+    labels = mask_to_labels(raw, num_classes, mask_path)
     if labels.shape != image.shape[:2]:
         raise TrainingDataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                                 f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
