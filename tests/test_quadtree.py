@@ -288,7 +288,7 @@ def test_padding_returns_an_attention_mask():
 
 def test_bad_token_size_is_refused():
     leaves = uniform_leaves((16, 16), 8)
-    with pytest.raises(QuadtreeError, match="--token-size"):
+    with pytest.raises(QuadtreeError, match="token_size"):
         tokenise(np.zeros((16, 16)), leaves, token_size=6)
 
 

@@ -19,6 +19,7 @@ from wsi_amr.geojson import GeoJSONError, read_geojson
 from wsi_amr.images import ImageError
 from wsi_amr.labels import label_ids, read_label_image
 from wsi_amr.metrics import EvaluationError, Scores, confusion_matrix, scores_from_confusion
+from wsi_amr.params import naming
 from wsi_amr.polygons import rasterize_polygons
 
 GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")
@@ -107,7 +108,8 @@ def evaluate_pair(
     the extent of the objects) divided by ``downsample``.
     """
     if not downsample > 0:
-        raise EvaluationError(f"downsample (level-0 px per compared pixel) must be positive, got {downsample}")
+        raise naming(EvaluationError(f"downsample (level-0 px per compared pixel) must be positive, got {downsample}"),
+                     "downsample")
     for p in (pred_path, ref_path):
         if not p.exists():
             raise EvaluationError(f"{p}: no such file")

@@ -37,6 +37,10 @@ from wsi_amr.params import require
 from wsi_amr.slide import Slide, SlideError
 from wsi_amr.tiling import Window, sample_mask
 
+#: Label value of pixels that carry no label (padding, unannotated slide area with
+#: ``unannotated="ignore"``); they add nothing to a loss or a Dice.
+IGNORE = 255
+
 LABEL_TIFF_SUFFIXES = (".tif", ".tiff")
 
 

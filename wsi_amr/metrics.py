@@ -31,7 +31,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from wsi_amr.segmentation.config import IGNORE
+from wsi_amr.labels import IGNORE
 
 
 class EvaluationError(ValueError):

@@ -14,12 +14,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from wsi_amr.quadtree import Leaves, QuadtreeError, is_power_of_two
+from wsi_amr.quadtree import Leaves, QuadtreeError, QuadtreeParameterError, is_power_of_two
 
 
 def _check_token_size(p: int) -> None:
     if not is_power_of_two(p):
-        raise QuadtreeError(f"--token-size must be a power of two, got {p}")
+        raise QuadtreeParameterError(f"token_size must be a power of two, got {p}", "token_size")
 
 
 def _padded(image: np.ndarray, leaves: Leaves, fill: float) -> np.ndarray:

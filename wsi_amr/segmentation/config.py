@@ -6,13 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from wsi_amr.errors import TrainingInputError
+from wsi_amr.labels import IGNORE
 from wsi_amr.params import carry, from_fields, naming, require, require_one_of
 from wsi_amr.quadtree import QuadtreeError, QuadtreeParams, is_power_of_two
 from wsi_amr.tissue import TissueParams
 
-#: Label value of pixels that carry no label (padding, unannotated slide area with
-#: ``unannotated="ignore"``); they add nothing to the loss or the Dice.
-IGNORE = 255
 #: Crop geometry is shifted by a random offset below this many working px, so the model learns
 #: positions over a whole inference window (DESIGN 4.4: 4096^2 windows), not only 0..crop.
 POSITION_RANGE = 4096
