@@ -378,6 +378,7 @@ class Sandboxes:
         if self.server is not None:
             self.server.kill()
             self.server.wait()
+            shutil.rmtree(Path(self.env["WSI_AMR_DOCS_SOCKET"]).parent, ignore_errors=True)
 
     def template(self) -> Path:
         if self._template is None:
