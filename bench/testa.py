@@ -7,6 +7,10 @@ runs a model; and as one sequence per image. Dice of the Gland class
 (every non-background class together for models with more), pooled over all pixels and the mean
 per image.
 
+A model on pixels (``arch`` unet) has neither attention squares nor leaves: each image is
+resampled from ``--image-mpp`` to the model's mpp, segmented in one pass (the ``whole_*``
+figures), and its probabilities resampled back, so Dice is counted at the images' own resolution.
+
 ``--placed``: each image is also segmented as a slide presents it, pasted on empty glass at a
 random offset from the leaf grid (as the benchmark slide maker places them), with the image as
 the tissue mask: the ``placed_*`` figures. GlaS images are 775 x 522 px, nearly whole 256-px
@@ -38,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shifts", default=None,
                     help="context grid shifts, px, averaged [default: 0 and half the context, as wsi-amr segment]")
     ap.add_argument("--placed", action="store_true", help="also segment each image placed on glass at a random offset")
+    ap.add_argument("--image-mpp", type=float, default=0.62, help="µm/px of the images (GlaS: 0.62)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the figures here too")
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model, card = load_checkpoint(args.model)
+    if model.cfg.arch != "token":
+        return pixel_model(args, model, card)
     params, mode = patching_from_card(card)
     context = args.context or training_context(card.training)
     shifts = tuple(int(v) for v in args.shifts.split(",")) if args.shifts else tuple(default_shifts(context))
@@ -86,6 +93,49 @@ def main(argv: list[str] | None = None) -> int:
         c = np.array(rows, np.int64)  # per image: pixels in both, predicted, true
         out[f"{key}_pooled"] = round(class_dice(c.sum(axis=0, keepdims=True))[0], 4)
         out[f"{key}_per_image"] = round(float(np.mean(class_dice(c, absent=0.0))), 4)  # an empty image: 0
+    print(json.dumps(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+def pixel_model(args: argparse.Namespace, model, card) -> int:
+    """testA Dice of a model on pixels (a U-Net): each image at the model's mpp, one pass, the
+    probabilities resampled back to the image's own resolution."""
+    import cv2
+
+    from wsi_amr.images import read_rgb
+    from wsi_amr.labels import read_label_image
+    from wsi_amr.metrics import binary_counts, class_dice
+    from wsi_amr.segmentation.predict import window_predictor
+
+    if args.placed or args.context or args.shifts:
+        print("testa: --placed, --context and --shifts are for token models", file=sys.stderr)
+        return 2
+    predictor = window_predictor(model, card)
+    scale = args.image_mpp / card.mpp
+    paths = sorted((args.glas / "images").glob(args.images))
+    if not paths:
+        print(f"testa: no images {args.glas / 'images' / args.images}", file=sys.stderr)
+        return 2
+    rows = []
+    t0 = time.perf_counter()
+    for path in paths:
+        image = read_rgb(path)
+        truth = read_label_image(args.glas / "masks" / path.name) > 0
+        h, w = truth.shape
+        small = image if scale == 1 else cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                                    interpolation=cv2.INTER_AREA)
+        probs = predictor.image(small)
+        if probs.shape[:2] != (h, w):
+            probs = cv2.resize(probs, (w, h), interpolation=cv2.INTER_LINEAR)
+            probs = probs[..., None] if probs.ndim == 2 else probs
+        rows.append(binary_counts(probs.argmax(2) > 0, truth))
+    c = np.array(rows, np.int64)
+    out = {"model": str(args.model), "arch": model.cfg.arch, "images": len(paths), "mpp": card.mpp,
+           "seconds": round(time.perf_counter() - t0, 1),
+           "whole_pooled": round(class_dice(c.sum(axis=0, keepdims=True))[0], 4),
+           "whole_per_image": round(float(np.mean(class_dice(c, absent=0.0))), 4)}
     print(json.dumps(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -37,8 +37,9 @@ def file_sha256(path: Path) -> str:
 
 
 def save_checkpoint(path: str | Path, model: Any, card: Any) -> tuple[Path, Path]:
-    """Write ``model`` (a :class:`~wsi_amr.segmentation.model.TokenSegmenter`) and ``card`` atomically."""
-    return save_model(path, model, FORMAT, VERSION, asdict(card))
+    """Write a segmentation ``model`` (any of :data:`wsi_amr.segmentation.model.ARCHITECTURES`)
+    and ``card`` atomically; the JSON's ``arch`` names the architecture (``model.cfg.arch``)."""
+    return save_model(path, model, FORMAT, VERSION, {"arch": model.cfg.arch, **asdict(card)})
 
 
 def save_model(path: str | Path, model: Any, fmt: str, version: int, fields_: dict[str, Any]) -> tuple[Path, Path]:

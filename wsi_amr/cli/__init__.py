@@ -366,10 +366,11 @@ def segment(
     tissue: TissueArgs,
     batch: BatchArgs,
 ) -> None:
-    """Segment slides with a token segmentation model: OUT/<stem>/<stem>.geojson (QuPath) and overlay.png.
+    """Segment slides with a segmentation model: OUT/<stem>/<stem>.geojson (QuPath) and overlay.png.
 
-    Windows at the model's mpp, an adaptive quadtree per window, the model, probabilities blended in
-    the overlaps, polygons with holes in level-0 px, whole across windows.
+    Windows at the model's mpp (those with tissue), an adaptive quadtree per window for a token model
+    (a U-Net sees every pixel), the model, probabilities blended in the overlaps, polygons with holes
+    in level-0 px, whole across windows.
 
     Example: wsi-amr segment slide.svs   (the bundled gland model; see --list-models)
 
@@ -389,22 +390,33 @@ def segment(
     from wsi_amr.checkpoint import CheckpointError, checkpoint_paths, read_config
 
     try:
-        weights, _ = checkpoint_paths(model)
+        weights, config = checkpoint_paths(model)
         doc = read_config(model)
     except CheckpointError as exc:
         fail_usage(flag_text(exc))
     from wsi_amr.segmentation.config import SegmentParams
+    from wsi_amr.segmentation.model import checkpoint_arch
     from wsi_amr.segmentation.predict import default_shifts, training_context
 
+    try:
+        arch = checkpoint_arch(config, doc)
+    except CheckpointError as exc:
+        fail_usage(flag_text(exc))
+    token_only = [flag for flag, value in (("--patching", patching), ("--context", context), ("--shifts", shifts))
+                  if value is not None]
+    if arch != "token" and token_only:
+        fail_usage(f"{', '.join(token_only)}: for token models; {weights.name} is a {arch} model (no leaves, no "
+                   "attention squares)")
     flags = {"simplify_um": "--simplify", "min_area_um2": "--min-object"}
     params = build(SegmentParams, flags, model=str(weights.resolve()), model_sha256=doc.get("weights_sha256"),
                    tissue=tissue.params(), patching=patching, window=window, overlap=overlap, context=context,
                    simplify_um=simplify, min_area_um2=min_object, object_type=object_type, gzip=gzip,
                    mask_tiff=mask_tiff, device=device)
-    square = context if context is not None else training_context(doc.get("training"))
-    offsets = _parse_shifts(shifts, square) if shifts is not None else default_shifts(square)
     _check_device(device)
-    params = build(functools.partial(dataclasses.replace, params), flags, shifts=tuple(offsets))
+    if arch == "token":
+        square = context if context is not None else training_context(doc.get("training"))
+        offsets = _parse_shifts(shifts, square) if shifts is not None else default_shifts(square)
+        params = build(functools.partial(dataclasses.replace, params), flags, shifts=tuple(offsets))
     run_slides("segment", inputs, params, out=out, batch=batch)
 
 

@@ -33,7 +33,7 @@ from wsi_amr.cli.options import (
 from wsi_amr.ips.config import IPSConfig
 from wsi_amr.params import flag_text
 from wsi_amr.quadtree import QuadtreeParams
-from wsi_amr.segmentation.config import SegmenterConfig
+from wsi_amr.segmentation.config import ARCHITECTURES, SegmenterConfig, UNetConfig
 
 train_app = typer.Typer(
     name="train",
@@ -51,6 +51,7 @@ def _train_group() -> None:
 
 _QT = QuadtreeParams()
 _ARCH = SegmenterConfig()
+_UNET_WIDTHS = ",".join(str(w) for w in UNetConfig.widths)
 
 # -- options of the training commands (those shared with other commands are in cli/options.py) ---
 Images = Annotated[list[str], typer.Option("--images", help="Training images: files, folders or globs "
@@ -80,6 +81,16 @@ Unannotated = Annotated[str, typer.Option("--unannotated", help="Slide pixels ou
 Mpp = Annotated[float | None, typer.Option("--mpp", help="Working µm/px. Images are taken to be at it "
                                               "\\[default: 0.62, GlaS]; slides are read at it \\[default: the "
                                               "first slide's own].")]
+ImageMpp = Annotated[float | None, typer.Option("--image-mpp", help="µm/px of the --images when it is not "
+                                                  "--mpp: they and their masks are resampled to --mpp (GlaS at "
+                                                  "half resolution: --image-mpp 0.62 --mpp 1.24) \\[default: "
+                                                  "--mpp].", show_default=False)]
+Arch = Annotated[str, typer.Option("--arch", help="Architecture: token (the adaptive-patch transformer on "
+                                   "quadtree leaves) or unet (a U-Net on every pixel, the CNN baseline).")]
+Widths = Annotated[str, typer.Option("--widths", help="U-Net channels per level, comma-separated, one level "
+                                     "each (windows are padded to a multiple of 2^levels px).")]
+Bottleneck = Annotated[int | None, typer.Option("--bottleneck", help="U-Net bottleneck channels "
+                                                   "\\[default: 4 x the last --widths].", show_default=False)]
 Patching = Annotated[str, typer.Option("--patching", help="adaptive (quadtree) or uniform (every leaf at "
                                        "--min-size): same model, same code.")]
 Crop = Annotated[int, typer.Option("--crop", help="Training crop side, working px (smaller images are padded).")]
@@ -101,13 +112,21 @@ ValFraction = Annotated[float, typer.Option("--val-fraction", help="Share of ima
                                             "validation, chosen by --seed.")]
 ValEvery = Annotated[int, typer.Option("--val-every", help="Validate (and save OUT/last) every this many steps.")]
 LogEvery = Annotated[int, typer.Option("--log-every", help="Write a metrics.jsonl line every this many steps.")]
-Width = Annotated[int, typer.Option("--width", help="Transformer width.")]
-Depth = Annotated[int, typer.Option("--depth", help="Transformer layers.")]
-Heads = Annotated[int, typer.Option("--heads", help="Attention heads (must divide --width).")]
+Width = Annotated[int, typer.Option("--width", help="Transformer width (--arch token).")]
+Depth = Annotated[int, typer.Option("--depth", help="Transformer layers (--arch token).")]
+Heads = Annotated[int, typer.Option("--heads", help="Attention heads, dividing --width (--arch token).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for Python, numpy and torch: same seed, same run on CPU.")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch \\[default: torch's].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from OUT/last-state.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --out that holds a run.")]
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """'8,16,32,64' -> (8, 16, 32, 64); ValueError unless every part is a whole number."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not whole numbers separated by commas, e.g. 8,16,32,64")
+    return tuple(int(p) for p in parts)
 
 
 def parse_colors(text: str) -> list[list[int]]:
@@ -222,7 +241,11 @@ def segment(
     colors: Colors = None,
     unannotated: Unannotated = "background",
     mpp: Mpp = None,
+    image_mpp: ImageMpp = None,
     slide_mpp: SlideMpp = None,
+    arch: Arch = "token",
+    widths: Widths = _UNET_WIDTHS,
+    bottleneck: Bottleneck = None,
     patching: Patching = "adaptive",
     token_size: TokenSize = 8,
     min_size: MinSize = _QT.min_size,
@@ -253,7 +276,7 @@ def segment(
     overwrite: Overwrite = False,
     debug: Debug = False,
 ) -> None:
-    """Train the token segmentation transformer on images + masks or slides + QuPath annotations.
+    """Train a segmentation model (the token transformer, or --arch unet) on images + masks or slides + QuPath annotations.
 
     Writes OUT/best.safetensors + best.json (best validation Dice), OUT/last.* and
     last-state.* (for --resume) and OUT/metrics.jsonl. Ctrl-C saves OUT/last and exits 130.
@@ -261,6 +284,8 @@ def segment(
     Example: wsi-amr train segment --images 'glas/images/train_*.png' --masks glas/masks -o runs/glas --steps 2000
 
     Example: wsi-amr train segment --slides a.svs --annotations a.geojson --classes Background,Tumor -o runs/t
+
+    Example: wsi-amr train segment --arch unet --images 'glas/images/train_*.png' --image-mpp 0.62 --mpp 1.24 -o runs/unet
     """
     from wsi_amr.segmentation.config import TrainConfig
     from wsi_amr.segmentation.train import describe_result, train_segmenter
@@ -272,13 +297,20 @@ def segment(
             color_list = parse_colors(colors)
         except ValueError as exc:
             fail_usage(f"--colors: {exc}")
+    if arch not in ARCHITECTURES:
+        fail_usage(f"--arch must be {' or '.join(ARCHITECTURES)}, not {arch!r}")
+    try:
+        width_list = parse_widths(widths)
+    except ValueError as exc:
+        fail_usage(f"--widths: {exc}")
     params = quadtree_params(min_size=min_size, max_size=max_size, split_threshold=split_threshold,
                              blur_kernel=blur, canny_low=_QT.canny_low, canny_high=_QT.canny_high,
                              normalise=_QT.normalise, edge_downsample=edge_downsample)
     cfg = TrainConfig(
         out=out, images=list(images), masks=masks, val_images=list(val_images), slides=list(slides),
         annotations=list(annotations), pairs=pairs, classes=class_names, colors=color_list,
-        unannotated=unannotated, mpp=mpp, slide_mpp=slide_mpp, patching=patching, token_size=token_size,
+        unannotated=unannotated, mpp=mpp, image_mpp=image_mpp, slide_mpp=slide_mpp, arch=arch, widths=width_list,
+        bottleneck=bottleneck, patching=patching, token_size=token_size,
         quadtree=params, crop=crop, batch_size=batch_size, steps=steps, lr=lr, weight_decay=weight_decay,
         warmup=warmup, dice_weight=dice_weight, jitter=jitter, glass=glass, mosaic=mosaic,
         val_fraction=val_fraction, val_every=val_every,

@@ -1,13 +1,14 @@
-"""``wsi-amr segment``: whole-slide segmentation to QuPath GeoJSON with a token segmentation model.
+"""``wsi-amr segment``: whole-slide segmentation to QuPath GeoJSON with a segmentation model.
 
 Per slide: tissue (reused when current), then windows at the model's working mpp (``window`` px,
-``overlap`` px shared with each neighbour) in raster order; per window an adaptive quadtree over
-its tissue (or uniform leaves), the model on its tokens, the detokenised probabilities blended in
-the overlaps (:func:`wsi_amr.segmentation.windows.blend_stream`), and the final blocks outlined on pixel
-edges and merged across blocks (:class:`wsi_amr.segmentation.windows.SeamlessPolygons`). The next window is
-read, and its quadtree built, on a second thread while the model works, and finished blocks are
-outlined on a third. Memory is bounded by a few windows and one overlap band across the slide's
-width.
+``overlap`` px shared with each neighbour) in raster order, those without tissue skipped; per window
+the model's :class:`~wsi_amr.segmentation.predict.WindowPredictor` (the token model: an adaptive
+quadtree over its tissue, or uniform leaves, and the model on its tokens; the U-Net: every pixel),
+the probabilities blended in the overlaps (:func:`wsi_amr.segmentation.windows.blend_stream`), and
+the final blocks outlined on pixel edges and merged across blocks
+(:class:`wsi_amr.segmentation.windows.SeamlessPolygons`). The next window is read, and prepared
+(its quadtree built), on a second thread while the model works, and finished blocks are outlined
+on a third. Memory is bounded by a few windows and one overlap band across the slide's width.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from wsi_amr.jobs import coarser_model
 from wsi_amr.jobs.tissue import load_or_detect
 from wsi_amr.labeltiff import LabelTiff
 from wsi_amr.outputs import write_png_atomic
-from wsi_amr.quadtree import uniform_token_count
 from wsi_amr.run.resources import background_thread, opencv_threads, trim_heap
 from wsi_amr.run.task import EmptySlide, JobContext
 from wsi_amr.segmentation.config import SegmentParams
 from wsi_amr.segmentation.model import load_checkpoint
-from wsi_amr.segmentation.predict import default_shifts, make_leaves, patching_from_card, predict_leaves, training_context
+from wsi_amr.segmentation.predict import default_shifts, training_context, window_predictor
 from wsi_amr.segmentation.windows import SeamlessPolygons, blend_stream, class_map, window_starts
 from wsi_amr.slide import Resolution, open_slide
 from wsi_amr.tiling import Block, sample_mask
@@ -117,21 +117,27 @@ def run(ctx: JobContext[SegmentParams]) -> dict[str, Any]:
 
 def _run(ctx: JobContext[SegmentParams], model: Any, card: Any, t_start: float) -> dict[str, Any]:  # noqa: C901 - the window stream: read, predict, blend, outline and write in one pass for bounded memory
     sp = ctx.params
-    params, trained_mode = patching_from_card(card)
-    patching = sp.patching or trained_mode
     window, overlap = sp.window, sp.overlap
-    # Attention context: squares of the training crop's size by default, the area the model
-    # learnt to attend over (one sequence per window drifts from it as windows grow).
-    context = sp.context
-    if context is None:
-        context = training_context(card.training)
-    context = context or None  # 0: the whole window is one sequence
-    # Square offsets whose probabilities are averaged: by default a second pass moved by half a
-    # square (objects cut by a square's border lose).
-    shifts = list(sp.shifts) if sp.shifts is not None else default_shifts(context)
-    if context and max(shifts) >= context:
-        raise ValueError(f"shifts {shifts} must be below the attention square's side ({context} px)")
-    k = model.cfg.num_classes
+    arch = model.cfg.arch
+    context: int | None = None
+    shifts = [0]
+    if arch == "token":
+        # Attention context: squares of the training crop's size by default, the area the model
+        # learnt to attend over (one sequence per window drifts from it as windows grow).
+        context = sp.context
+        if context is None:
+            context = training_context(card.training)
+        context = context or None  # 0: the whole window is one sequence
+        # Square offsets whose probabilities are averaged: by default a second pass moved by half a
+        # square (objects cut by a square's border lose).
+        shifts = list(sp.shifts) if sp.shifts is not None else default_shifts(context)
+        if context and max(shifts) >= context:
+            raise ValueError(f"shifts {shifts} must be below the attention square's side ({context} px)")
+    # The job knows windows, not architectures: each window is prepared (the token model's
+    # quadtree) on the read-ahead thread and predicted on this one.
+    predictor = window_predictor(model, card, patching=sp.patching, context=context, shifts=shifts)
+    patching = getattr(predictor, "patching", None)
+    k = predictor.num_classes
     timing = {"read": 0.0, "tissue": 0.0, "quadtree": 0.0, "model": 0.0, "blend": 0.0, "polygons": 0.0, "write": 0.0}
     tokens = {"uniform": 0, "used": 0}
     cpu = {"quadtree": 0.0}
@@ -164,21 +170,20 @@ def _run(ctx: JobContext[SegmentParams], model: Any, card: Any, t_start: float) 
         def tissue_of(b: Block) -> np.ndarray:
             return sample_mask(tm.mask, tm.downsample, ds, b)
 
-        def read(b: Block) -> tuple[np.ndarray | None, Any, int, float, float]:
-            # On the read-ahead thread: the window's pixels and its quadtree (OpenCV releases the
-            # GIL), ready when the model comes to it; with the uniform token count to compare.
+        def read(b: Block) -> tuple[np.ndarray | None, Any, tuple[int, int], float, float]:
+            # On the read-ahead thread: the window's pixels and its plan (the quadtree; OpenCV
+            # releases the GIL), ready when the model comes to it; with the uniform token count to compare.
             tissue = tissue_of(b)
             if not tissue.any():
-                return None, None, 0, 0.0, 0.0
+                return None, None, (0, 0), 0.0, 0.0
             t = time.perf_counter()
             rgb = slide.read_region(b.x * ds, b.y * ds, b.w, b.h, ds)
             t_read = time.perf_counter() - t
             t, c = time.perf_counter(), time.thread_time()
-            leaves = make_leaves(rgb, params, patching, tissue)
+            plan = predictor.prepare(rgb, tissue)
             cpu["quadtree"] += time.thread_time() - c
             t_tree = time.perf_counter() - t
-            n_uniform = uniform_token_count(tissue.shape, params.min_size, tissue) if patching == "adaptive" else len(leaves)
-            return rgb, leaves, n_uniform, t_read, t_tree
+            return rgb, plan, predictor.units(rgb, plan, tissue), t_read, t_tree
 
         done = 0
         waited = {"read": 0.0, "outline": 0.0}
@@ -213,7 +218,7 @@ def _run(ctx: JobContext[SegmentParams], model: Any, card: Any, t_start: float) 
                         if nb not in pending:
                             pending[nb] = reader.submit(read, nb)
                     t = time.perf_counter()
-                    rgb, leaves, n_uniform, t_read, t_tree = pending.pop(b).result()
+                    rgb, plan, (n_used, n_uniform), t_read, t_tree = pending.pop(b).result()
                     waited["read"] += time.perf_counter() - t
                     timing["read"] += t_read
                     timing["quadtree"] += t_tree
@@ -221,11 +226,10 @@ def _run(ctx: JobContext[SegmentParams], model: Any, card: Any, t_start: float) 
                     ctx.progress(done, n_windows)
                     if rgb is None:
                         return None
-                    tokens["used"] += len(leaves)
+                    tokens["used"] += n_used
                     tokens["uniform"] += n_uniform
                     t = time.perf_counter()
-                    probs = predict_leaves(model, card, rgb, leaves, relative_to=params.max_size, context=context,
-                                           shifts=shifts)
+                    probs = predictor.predict(rgb, plan)
                     timing["model"] += time.perf_counter() - t
                     trim_heap()  # the model's and last window's freed blocks: memory flat over slide size
                     return probs
@@ -270,11 +274,13 @@ def _run(ctx: JobContext[SegmentParams], model: Any, card: Any, t_start: float) 
         "objects": report.written,
         "objects_per_class": counts,
         "dropped_invalid": report.dropped,
+        "arch": arch,
         "patching": patching,
-        "tokens": tokens["used"],
-        "uniform_tokens": tokens["uniform"],
-        "token_reduction": (round(tokens["uniform"] / tokens["used"], 3)
-                            if patching == "adaptive" and tokens["used"] else None),
+        # What the model processed: tokens (with uniform patching's count to compare), or pixels.
+        **({"tokens": tokens["used"], "uniform_tokens": tokens["uniform"],
+            "token_reduction": (round(tokens["uniform"] / tokens["used"], 3)
+                                if patching == "adaptive" and tokens["used"] else None)}
+           if predictor.unit == "tokens" else {predictor.unit: tokens["used"]}),
         "windows": n_windows,
         "context": context or 0,
         "shifts": shifts if context else [0],

@@ -1,5 +1,5 @@
-"""Training batches: augmented crops (flips, colour jitter, glass and mosaics) with their leaves
-and per-token label fractions."""
+"""Training batches: augmented crops (flips, colour jitter, glass and mosaics), with their leaves
+and per-token label fractions for the token model, or as whole images for the U-Net."""
 
 from __future__ import annotations
 
@@ -114,20 +114,29 @@ def composite(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, c
     return np.where(inside[..., None], image, fill_img), np.where(inside, labels, fill_lab)
 
 
-def make_batch(sources: Sequence[Any], weights: np.ndarray, cfg: TrainConfig,
-               rngs: Sequence[np.random.Generator]) -> Batch:
-    """One augmented crop per generator in ``rngs`` (all its randomness drawn from it), tokenised
-    and padded to one length."""
-    toks, geoms, targets = [], [], []
-    p, k = cfg.token_size, cfg.num_classes
-
+def make_crops(sources: Sequence[Any], weights: np.ndarray, cfg: TrainConfig,
+               rngs: Sequence[np.random.Generator]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One augmented crop (image, labels) per generator in ``rngs``, its source drawn by
+    ``weights``: flipped or rotated, colour jittered, given glass or a mosaic seam
+    (:func:`composite`); what every architecture trains on."""
+    out = []
     for rng in rngs:
         def crop(rng: np.random.Generator = rng) -> tuple[np.ndarray, np.ndarray]:
             src = sources[int(rng.choice(len(sources), p=weights))]
             image, labels = src.sample(rng, cfg.crop)
             return augment(image, labels, rng, cfg.jitter)
 
-        image, labels = composite(*crop(), rng, cfg, crop)
+        out.append(composite(*crop(), rng, cfg, crop))
+    return out
+
+
+def make_batch(sources: Sequence[Any], weights: np.ndarray, cfg: TrainConfig,
+               rngs: Sequence[np.random.Generator]) -> Batch:
+    """One augmented crop per generator in ``rngs`` (all its randomness drawn from it), tokenised
+    and padded to one length."""
+    toks, geoms, targets = [], [], []
+    p, k = cfg.token_size, cfg.num_classes
+    for rng, (image, labels) in zip(rngs, make_crops(sources, weights, cfg, rngs)):
         labelled = labels != IGNORE
         tissue = None if labelled.all() else labelled
         leaves = make_leaves(image, cfg.quadtree, cfg.patching, tissue)
@@ -142,3 +151,19 @@ def make_batch(sources: Sequence[Any], weights: np.ndarray, cfg: TrainConfig,
         tgt[i, : len(f)] = f
     return Batch(torch.from_numpy(t), torch.from_numpy(g), torch.from_numpy(m), torch.from_numpy(tgt),
                  float(np.mean([len(x) for x in toks])))
+
+
+@dataclass
+class ImageBatch:
+    images: Tensor  # (B, H, W, 3) raw 0..255 uint8
+    targets: Tensor  # (B, H, W, K) one-hot, all zero where IGNORE
+
+
+def make_image_batch(sources: Sequence[Any], weights: np.ndarray, cfg: TrainConfig,
+                     rngs: Sequence[np.random.Generator]) -> ImageBatch:
+    """The crops of :func:`make_crops` as whole images with one-hot targets, for models on pixels."""
+    crops = make_crops(sources, weights, cfg, rngs)
+    images = np.stack([image for image, _ in crops])
+    labels = np.stack([lab for _, lab in crops])
+    onehot = (labels[..., None] == np.arange(cfg.num_classes, dtype=np.uint8)).astype(np.float32)
+    return ImageBatch(torch.from_numpy(images), torch.from_numpy(onehot))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from wsi_amr.errors import TrainingInputError
 from wsi_amr.labels import IGNORE
@@ -23,6 +23,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: A mask is found by the image's stem plus one of these (``train_1.png`` -> ``train_1_anno.bmp``).
 MASK_SUFFIXES = ("", "_mask", "-mask", "_masks", "_anno", "_label", "_labels", "_gt")
 PATCHING_MODES = ("adaptive", "uniform")
+#: Segmentation architectures: the token transformer on quadtree leaves, and a U-Net on pixels.
+ARCHITECTURES = ("token", "unet")
 UNANNOTATED_MODES = ("background", "ignore")
 #: Class colours used when none are given (RGB); background first.
 DEFAULT_COLORS = [[0, 0, 0], [0, 160, 0], [200, 0, 0], [0, 90, 220], [230, 160, 0], [150, 0, 200],
@@ -45,6 +47,9 @@ class SegmenterConfig:
     position_frequencies: int = 12  # wavelengths 4 px .. 4 * 2**11 px
     size_frequencies: int = 4
 
+    #: Recorded as the checkpoint's ``arch`` (a checkpoint without one is a token model).
+    arch: ClassVar[str] = "token"
+
     def validate(self) -> None:  # noqa: C901 - one check per option, in the order --help lists them
         if self.token_size < 1 or self.token_size & (self.token_size - 1):
             raise ValueError(f"token_size must be a power of two, got {self.token_size}")
@@ -55,6 +60,41 @@ class SegmenterConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of :class:`~wsi_amr.segmentation.unet.UNet`: one level per entry of ``widths``
+    (two 3x3 convolutions with BatchNorm, then 2x2 max pooling), a ``bottleneck``-channel level at
+    1 / 2**len(widths) of the input, and a decoder back up through the same widths."""
+
+    arch: ClassVar[str] = "unet"
+
+    channels: int = 3
+    num_classes: int = 2
+    widths: tuple[int, ...] = (8, 16, 32, 64)
+    bottleneck: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(self.widths))  # a JSON list reads back as a tuple
+
+    @property
+    def multiple(self) -> int:
+        """Input sides are padded up to a multiple of this (px): one halving per level."""
+        return 2 ** len(self.widths)
+
+    def validate(self) -> None:
+        if not self.widths or any(not isinstance(w, int) or w < 1 for w in self.widths):
+            raise ValueError(f"widths must be one or more positive channel counts, got {list(self.widths)}")
+        if self.bottleneck < 1:
+            raise ValueError(f"bottleneck must be at least 1 channel, got {self.bottleneck}")
+        if self.num_classes < 2:
+            raise ValueError("num_classes must be at least 2 (background and one class)")
+
+    def as_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["widths"] = list(self.widths)
+        return doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +115,11 @@ class TrainConfig:
     colors: list[list[int]] | None = None
     unannotated: str = "background"  # slide pixels outside every annotation: class 0, or ignored
     mpp: float | None = None  # working µm/px: images are taken to be at it (default 0.62)
+    image_mpp: float | None = None  # µm/px of the images when not the working mpp: resampled to it
     slide_mpp: float | None = None  # level-0 µm/px for slides that record none
+    arch: str = "token"
+    widths: tuple[int, ...] = UNetConfig.widths
+    bottleneck: int | None = None  # default: 4 x the last of widths
     patching: str = "adaptive"
     token_size: int = 8
     quadtree: QuadtreeParams = field(default_factory=QuadtreeParams)
@@ -104,6 +148,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        self.widths = tuple(self.widths)
 
     @property
     def num_classes(self) -> int:
@@ -113,7 +158,11 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else max(1, self.steps // 20)
 
-    def model_config(self) -> SegmenterConfig:
+    def model_config(self) -> SegmenterConfig | UNetConfig:
+        """The architecture ``arch`` names, built from this run's options."""
+        if self.arch == "unet":
+            bottleneck = self.bottleneck if self.bottleneck is not None else 4 * self.widths[-1]
+            return UNetConfig(num_classes=self.num_classes, widths=self.widths, bottleneck=bottleneck)
         return SegmenterConfig(token_size=self.token_size, num_classes=self.num_classes,
                                width=self.width, depth=self.depth, heads=self.heads)
 
@@ -146,6 +195,13 @@ class TrainConfig:
             raise bad(f"colors gives {len(self.colors)} colours for {len(self.classes)} classes", "colors")
         if self.unannotated not in UNANNOTATED_MODES:
             raise bad(f"unannotated must be background or ignore, not {self.unannotated!r}", "unannotated")
+        if self.arch not in ARCHITECTURES:
+            raise bad(f"arch must be {' or '.join(ARCHITECTURES)}, not {self.arch!r}", "arch")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise bad(f"widths must be one or more positive channel counts, got {','.join(map(str, self.widths))}",
+                      "widths")
+        if self.bottleneck is not None and self.bottleneck < 1:
+            raise bad(f"bottleneck must be at least 1, got {self.bottleneck}", "bottleneck")
         if self.patching not in PATCHING_MODES:
             raise bad(f"patching must be adaptive or uniform, not {self.patching!r}", "patching")
         if not is_power_of_two(self.token_size):
@@ -159,7 +215,7 @@ class TrainConfig:
                       "token_size", "max_size")
         if self.crop < self.quadtree.min_size or self.crop < self.token_size:
             raise bad(f"crop ({self.crop}) is smaller than min_size ({self.quadtree.min_size})", "crop", "min_size")
-        for name in ("mpp", "slide_mpp"):
+        for name in ("mpp", "image_mpp", "slide_mpp"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise bad(f"{name} must be a positive number of µm/px, got {value}", name)

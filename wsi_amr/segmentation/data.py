@@ -261,7 +261,23 @@ def match_masks(images: Sequence[Path], masks: str | None) -> list[tuple[Path, P
     return pairs
 
 
-def load_labelled_image(image_path: Path, mask_path: Path, num_classes: int) -> LabelledImage:
+def resample_labelled(image: np.ndarray, labels: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its labels resized by ``scale`` (0.5: half the side): the image by area
+    averaging (or bilinear when enlarging), the labels by nearest neighbour so no new ids appear."""
+    import cv2
+
+    h, w = labels.shape
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    if size == (w, h):
+        return image, labels
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return (cv2.resize(image, size, interpolation=interp),
+            cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST))
+
+
+def load_labelled_image(image_path: Path, mask_path: Path, num_classes: int, scale: float = 1.0) -> LabelledImage:
+    """An image and its mask as class ids, both resized by ``scale`` (image µm/px over working
+    µm/px) to the working mpp."""
     try:
         image = read_rgb(image_path)
         raw = read_label_image(mask_path)
@@ -271,6 +287,8 @@ def load_labelled_image(image_path: Path, mask_path: Path, num_classes: int) -> 
     if labels.shape != image.shape[:2]:
         raise TrainingDataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                                 f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+    if scale != 1.0:
+        image, labels = resample_labelled(image, labels, scale)
     return LabelledImage(image_path.stem, image, labels)
 
 
@@ -353,12 +371,14 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:  # noqa: C901 - each i
     closers: list[Callable[[], None]] = []
     train: list[Any] = []
     val: list[LabelledImage] = []
+    # Images at image_mpp are resampled to the working mpp (e.g. GlaS at 0.62 trained at 1.24).
+    scale = cfg.image_mpp / cfg.mpp if cfg.image_mpp is not None and cfg.mpp is not None else 1.0
     try:
         for img, mask in image_pairs:
-            item = load_labelled_image(img, mask, k)
+            item = load_labelled_image(img, mask, k, scale)
             (val.append(item) if item.name in held_out else train.append(ImageCrops(item)))
         for img, mask in val_pairs:
-            val.append(load_labelled_image(img, mask, k))
+            val.append(load_labelled_image(img, mask, k, scale))
         slide_mpp_used: float | None = None
         warned: list[str] = []
         for slide_path, geojson_path in zip(slides, annotations):
@@ -378,9 +398,10 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:  # noqa: C901 - each i
         raise
     if not train:
         raise TrainingInputError("no training data left after the validation split")
-    mpp = cfg.mpp if cfg.mpp is not None else (slide_mpp_used if slides else 0.62)
+    mpp = cfg.mpp if cfg.mpp is not None else (slide_mpp_used if slides else (cfg.image_mpp or 0.62))
     description = {
-        "images": cfg.images, "masks": cfg.masks, "slides": slides, "annotations": annotations,
+        "images": cfg.images, "masks": cfg.masks,
+        **({"image_mpp": cfg.image_mpp} if cfg.image_mpp is not None else {}), "slides": slides, "annotations": annotations,
         "train_items": len(train), "train_names": [s.name for s in train][:1000],
         "val_names": [v.name for v in val], "unannotated": cfg.unannotated, "warnings": warned,
     }

@@ -1,11 +1,15 @@
-"""A transformer that segments adaptive-patch tokens (APF's model, with geometry and masks).
+"""The segmentation networks, their card and loading a checkpoint.
 
-Each token is a leaf's pixels resized to p x p (see :mod:`wsi_amr.tokens`) and its geometry
-(centre x, centre y, size in working px). The model embeds the pixels linearly, adds a 2-D
-position and scale embedding built from the geometry (sinusoids of the centre, of log2 size), runs
-a transformer encoder that ignores padded tokens, and predicts p x p class logits per token; the
-detokeniser pastes them back onto the image. The same model runs on uniform patches (every leaf
-at the minimum size): that is the baseline, same weights class, same code path.
+:class:`TokenSegmenter`, a transformer that segments adaptive-patch tokens (APF's model, with
+geometry and masks): each token is a leaf's pixels resized to p x p (see :mod:`wsi_amr.tokens`)
+and its geometry (centre x, centre y, size in working px). The model embeds the pixels linearly,
+adds a 2-D position and scale embedding built from the geometry (sinusoids of the centre, of log2
+size), runs a transformer encoder that ignores padded tokens, and predicts p x p class logits per
+token; the detokeniser pastes them back onto the image. The same model runs on uniform patches
+(every leaf at the minimum size), same weights class, same code path.
+
+:class:`~wsi_amr.segmentation.unet.UNet`, the CNN baseline on every pixel. A checkpoint's ``arch``
+says which (:data:`ARCHITECTURES`); :func:`load_checkpoint` builds that class.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from wsi_amr.checkpoint import FORMAT, CheckpointError, build_model, check_weights, checkpoint_paths, load_weights, read_config
-from wsi_amr.segmentation.config import SegmenterConfig
+from wsi_amr.segmentation.config import SegmenterConfig, UNetConfig
+from wsi_amr.segmentation.unet import UNet
 
 
 def fourier_features(values: Tensor, n: int, shortest: float) -> Tensor:
@@ -112,12 +117,31 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
 
 
+#: Each segmentation architecture by the ``arch`` its checkpoint records: (config class, network).
+#: A checkpoint without ``arch`` was written before there was a choice: a token model.
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    SegmenterConfig.arch: (SegmenterConfig, TokenSegmenter),
+    UNetConfig.arch: (UNetConfig, UNet),
+}
+
+
+def checkpoint_arch(config: Path, doc: dict[str, Any]) -> str:
+    """The architecture a checkpoint's JSON names, or one :class:`CheckpointError` line."""
+    arch = doc.get("arch", SegmenterConfig.arch)
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{config}: unknown segmentation architecture {arch!r} "
+                              f"(this wsi-amr reads {', '.join(ARCHITECTURES)})")
+    return str(arch)
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """Rebuild the model and its card from a checkpoint, refusing anything that does not match."""
+    """Rebuild the model (the class its ``arch`` names) and its card from a checkpoint, refusing
+    anything that does not match with one :class:`CheckpointError` line."""
     weights, config = checkpoint_paths(path)
     doc = read_config(path)
+    config_cls, model_cls = ARCHITECTURES[checkpoint_arch(config, doc)]
     check_weights(path, doc)
-    cfg, model = build_model(config, doc, SegmenterConfig, TokenSegmenter)
+    cfg, model = build_model(config, doc, config_cls, model_cls)
     load_weights(weights, model, FORMAT, "segmentation model", device)
     card_fields = {f.name for f in fields(ModelCard)}
     card = ModelCard(**{k: v for k, v in doc.items() if k in card_fields})

@@ -1,18 +1,23 @@
-"""Segment an image with a token segmenter: quadtree (or uniform) leaves, attention in squares
-at shifted offsets, class probabilities per pixel. Never imports the trainer."""
+"""Segment an image or a slide window with a segmentation model: for the token segmenter,
+quadtree (or uniform) leaves, attention in squares at shifted offsets; for the U-Net, every pixel.
+:func:`window_predictor` gives either behind one interface (:class:`WindowPredictor`), so the
+segment job, validation and the benchmarks run any architecture the same way. Never imports the
+trainer."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from wsi_amr.quadtree import Leaves, QuadtreeParams, build_quadtree, params_edge_map, uniform_leaves
+from wsi_amr.quadtree import Leaves, QuadtreeParams, build_quadtree, params_edge_map, uniform_leaves, uniform_token_count
 from wsi_amr.segmentation.config import MAX_SEQUENCE, PATCHING_MODES
 from wsi_amr.segmentation.model import ModelCard, Normalisation, TokenSegmenter
+from wsi_amr.segmentation.unet import UNet
 from wsi_amr.tokens import detokenise, leaf_coverage, pad_tokens, token_geometry, tokenise
 
 
@@ -232,3 +237,112 @@ def predict_leaves(model: TokenSegmenter, card: ModelCard, image_rgb: np.ndarray
     else:
         out[..., 0] = 1.0
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One window (or whole image) through any architecture
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WindowPlan:
+    """What :meth:`WindowPredictor.prepare` found for a window: the token model's leaves (None
+    for a model on pixels)."""
+
+    leaves: Leaves | None = None
+
+
+class WindowPredictor:
+    """A model and how it runs on one RGB uint8 window (H, W, 3) at the working mpp.
+
+    :meth:`prepare` is the part that can run ahead on another thread (the token model's
+    quadtree), :meth:`predict` the model itself; :meth:`units` counts what the model processed
+    (``unit``: tokens or pixels) and what uniform patching would have."""
+
+    unit = "pixels"
+
+    def __init__(self, model: Any, card: ModelCard) -> None:
+        self.model = model
+        self.card = card
+        self.num_classes = int(model.cfg.num_classes)
+
+    def prepare(self, image_rgb: np.ndarray, tissue: np.ndarray | None = None) -> WindowPlan:
+        return WindowPlan()
+
+    def units(self, image_rgb: np.ndarray, plan: WindowPlan, tissue: np.ndarray | None = None) -> tuple[int, int]:
+        n = int(image_rgb.shape[0] * image_rgb.shape[1])
+        return n, n
+
+    def predict(self, image_rgb: np.ndarray, plan: WindowPlan) -> np.ndarray:
+        """(H, W, K) float32 class probabilities, summing to one per pixel."""
+        raise NotImplementedError
+
+    def image(self, image_rgb: np.ndarray) -> np.ndarray:
+        """A whole image's (H, W, K) float32 class probabilities."""
+        return self.predict(image_rgb, self.prepare(image_rgb))
+
+
+class TokenWindows(WindowPredictor):
+    """The token segmenter: leaves (the card's quadtree, or uniform), then :func:`predict_leaves`
+    with attention in ``context``-px squares at ``shifts`` (None: the whole window at once)."""
+
+    unit = "tokens"
+
+    def __init__(self, model: TokenSegmenter, card: ModelCard, patching: str | None = None,
+                 context: int | None = None, shifts: Sequence[int] = (0,), max_sequence: int = MAX_SEQUENCE) -> None:
+        super().__init__(model, card)
+        self.params, mode = patching_from_card(card)
+        self.patching = patching or mode
+        if self.patching not in PATCHING_MODES:
+            raise ValueError(f"patching must be adaptive or uniform, not {self.patching!r}")
+        self.context = context or None
+        self.shifts = tuple(shifts) if self.context else (0,)
+        self.max_sequence = max_sequence
+
+    def prepare(self, image_rgb: np.ndarray, tissue: np.ndarray | None = None) -> WindowPlan:
+        return WindowPlan(make_leaves(image_rgb, self.params, self.patching, tissue))
+
+    def units(self, image_rgb: np.ndarray, plan: WindowPlan, tissue: np.ndarray | None = None) -> tuple[int, int]:
+        leaves = plan.leaves
+        n = len(leaves) if leaves is not None else 0
+        if self.patching != "adaptive":
+            return n, n
+        shape = image_rgb.shape[:2] if tissue is None else tissue.shape
+        return n, uniform_token_count(shape, self.params.min_size, tissue)
+
+    def predict(self, image_rgb: np.ndarray, plan: WindowPlan) -> np.ndarray:
+        leaves = plan.leaves if plan.leaves is not None else self.prepare(image_rgb).leaves
+        assert leaves is not None
+        return predict_leaves(self.model, self.card, image_rgb, leaves, max_sequence=self.max_sequence,
+                              relative_to=self.params.max_size, context=self.context, shifts=self.shifts)
+
+
+class UNetWindows(WindowPredictor):
+    """The U-Net on every pixel of the window (padded inside the model to its multiple)."""
+
+    @torch.no_grad()
+    def predict(self, image_rgb: np.ndarray, plan: WindowPlan) -> np.ndarray:
+        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+            raise ValueError(f"a window is an RGB uint8 (H, W, 3) image, got {image_rgb.dtype} {image_rgb.shape}")
+        model = self.model
+        device = next(model.parameters()).device
+        norm = Normalisation(**{key: tuple(v) for key, v in self.card.normalisation.items()})
+        was_training = model.training
+        model.eval()
+        try:
+            x = norm.apply(torch.from_numpy(np.ascontiguousarray(image_rgb)).to(device).float())
+            logits = model(x.permute(2, 0, 1)[None])  # (1, K, H, W)
+            probs = logits.float().softmax(dim=1)[0].permute(1, 2, 0).cpu().numpy()
+        finally:
+            model.train(was_training)
+        return np.ascontiguousarray(probs, dtype=np.float32)
+
+
+def window_predictor(model: Any, card: ModelCard, *, patching: str | None = None, context: int | None = None,
+                     shifts: Sequence[int] = (0,), max_sequence: int = MAX_SEQUENCE) -> WindowPredictor:
+    """How ``model`` (any architecture :func:`~wsi_amr.segmentation.model.load_checkpoint` builds)
+    runs on a window. ``patching``, ``context``, ``shifts`` and ``max_sequence`` are the token
+    model's (see :func:`predict_leaves`); a U-Net has none of them."""
+    if isinstance(model, UNet):
+        return UNetWindows(model, card)
+    if isinstance(model, TokenSegmenter):
+        return TokenWindows(model, card, patching, context, shifts, max_sequence)
+    raise TypeError(f"no window predictor for {type(model).__name__}")

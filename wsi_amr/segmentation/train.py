@@ -17,12 +17,11 @@ from wsi_amr.ddp import Group
 from wsi_amr.errors import TrainingInputError, TrainingInterrupted
 from wsi_amr.metrics import dice_counts, dice_scores
 from wsi_amr.params import naming
-from wsi_amr.quadtree import QuadtreeParams
-from wsi_amr.segmentation.augment import make_batch
-from wsi_amr.segmentation.config import DEFAULT_COLORS, MAX_SEQUENCE, TrainConfig
+from wsi_amr.segmentation.augment import Batch, ImageBatch, make_batch, make_image_batch
+from wsi_amr.segmentation.config import DEFAULT_COLORS, TrainConfig
 from wsi_amr.segmentation.data import LabelledImage, TrainingData, load_training_data
-from wsi_amr.segmentation.model import ModelCard, Normalisation, TokenSegmenter
-from wsi_amr.segmentation.predict import _predict
+from wsi_amr.segmentation.model import ARCHITECTURES, ModelCard, Normalisation
+from wsi_amr.segmentation.predict import window_predictor
 from wsi_amr.trainer import (
     ProgressFn,
     graceful_interrupt,
@@ -58,23 +57,25 @@ def segmentation_loss(logits: Tensor, targets: Tensor, dice_weight: float,
     return ce + dice_weight * dice_loss, ce, dice_loss
 
 
-def validate(model: TokenSegmenter, card: ModelCard, images: Sequence[LabelledImage],
-             params: QuadtreeParams, patching: str, context: int | None = None) -> dict[str, Any]:
-    """Dice per class at full resolution over whole validation images, pooled over pixels.
+def validate(model: torch.nn.Module, card: ModelCard, images: Sequence[LabelledImage],
+             context: int | None = None) -> dict[str, Any]:
+    """Dice per class at the working mpp over whole validation images, pooled over pixels.
 
-    With ``context`` (px) the model attends within squares of that side, as ``wsi-amr segment``
-    runs it (training passes its crop size), so the best checkpoint is chosen the way it will be
-    used; without it each image is one sequence."""
-    k = model.cfg.num_classes
+    With ``context`` (px) a token model attends within squares of that side, as ``wsi-amr
+    segment`` runs it (training passes its crop size), so the best checkpoint is chosen the way it
+    will be used; without it each image is one sequence. Its leaves are the card's."""
+    predictor = window_predictor(model, card, context=context)
+    k = predictor.num_classes
     counts = np.zeros((k, 3), np.int64)
-    tokens = 0
+    units = 0
     t0 = time.perf_counter()
     for item in images:
-        pred, _, n = _predict(model, card, item.image, params, patching, None, MAX_SEQUENCE, context)
+        plan = predictor.prepare(item.image)
+        pred = predictor.predict(item.image, plan).argmax(axis=2).astype(np.uint8)
         counts += dice_counts(pred, item.labels, k)
-        tokens += n
+        units += predictor.units(item.image, plan)[0]
     per, fg = dice_scores(counts, card.class_names)
-    return {"val_dice": per, "val_foreground_dice": fg, "val_tokens_per_image": tokens / max(1, len(images)),
+    return {"val_dice": per, "val_foreground_dice": fg, f"val_{predictor.unit}_per_image": units / max(1, len(images)),
             "val_seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -84,13 +85,35 @@ def make_card(cfg: TrainConfig, data: TrainingData, training: dict[str, Any]) ->
     return ModelCard(
         class_names=list(cfg.classes), class_colors=[list(c) for c in colors], mpp=data.mpp,
         normalisation={"mean": list(norm.mean), "std": list(norm.std)},
-        patching={"mode": cfg.patching, "token_size": cfg.token_size, "quadtree": cfg.quadtree.as_dict()},
+        # A U-Net sees every pixel: no leaves to record.
+        patching=({"mode": cfg.patching, "token_size": cfg.token_size, "quadtree": cfg.quadtree.as_dict()}
+                  if cfg.arch == "token" else {}),
         training=training,
     )
 
 
+def training_batch(cfg: TrainConfig, sources: Sequence[Any], weights: np.ndarray,
+                   rngs: Sequence[np.random.Generator]) -> ImageBatch | Batch:
+    """One augmented batch as the architecture ``cfg.arch`` takes it: whole crops for a U-Net,
+    tokens for the token segmenter."""
+    if cfg.arch == "unet":
+        return make_image_batch(sources, weights, cfg, rngs)
+    return make_batch(sources, weights, cfg, rngs)
+
+
+def batch_logits(model: torch.nn.Module, batch: ImageBatch | Batch, device: torch.device) -> tuple[Tensor, Tensor, float]:
+    """``(logits, targets, units per crop)`` of a batch shaped for :func:`segmentation_loss`
+    (a U-Net's crop is one token of crop x crop cells); the units are pixels or tokens."""
+    norm = Normalisation()
+    if isinstance(batch, ImageBatch):
+        x = norm.apply(batch.images.to(device).float()).permute(0, 3, 1, 2)
+        return model(x)[:, None], batch.targets.to(device)[:, None], float(x.shape[2] * x.shape[3])
+    logits = model(norm.apply(batch.tokens.to(device)), batch.geometry.to(device), batch.mask.to(device))
+    return logits, batch.targets.to(device), batch.tokens_per_crop
+
+
 def train_segmenter(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Train a :class:`TokenSegmenter` as ``cfg`` says; returns ``{"best_dice", "best_step",
+    """Train the segmentation model ``cfg.arch`` names (the token segmenter or a U-Net) as ``cfg`` says; returns ``{"best_dice", "best_step",
     "steps", "paths"}``.
 
     Writes ``OUT/best.*`` (best validation foreground Dice; the last model when there is no
@@ -102,7 +125,7 @@ def train_segmenter(cfg: TrainConfig, progress: ProgressFn | None = None) -> dic
     """
     cfg.validate()
     notes = []
-    if cfg.crop_quadtree() != cfg.quadtree:
+    if cfg.arch == "token" and cfg.crop_quadtree() != cfg.quadtree:
         notes.append(f"max_size {cfg.quadtree.max_size} is larger than the crop ({cfg.crop} px): leaves are at most "
                      f"{cfg.crop_quadtree().max_size} px (recorded in the model card)")
         cfg = replace(cfg, quadtree=cfg.crop_quadtree())
@@ -120,11 +143,11 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, group: Gr
     out = cfg.out
     seed_everything(cfg.seed)
     model_cfg = cfg.model_config()
-    model = TokenSegmenter(model_cfg).to(device)
+    model = ARCHITECTURES[cfg.arch][1](model_cfg).to(device)
     group.broadcast_parameters(model)
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
-    norm = Normalisation()
+    unit = "pixels" if cfg.arch == "unet" else "tokens"
     identity = {"architecture": model_cfg.as_dict(), "classes": list(cfg.classes),
                 "patching": cfg.patching, "quadtree": cfg.quadtree.as_dict()}
     step, best_dice, best_step, seconds_before = 0, -1.0, 0, 0.0
@@ -189,12 +212,10 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, group: Gr
                     # One generator per crop of the global batch, so any process makes any crop.
                     seeds = rng.integers(2**62, size=cfg.batch_size)
                     mine = group.share(cfg.batch_size)
-                    batch = make_batch(data.train, weights, cfg, [np.random.default_rng(int(seeds[i])) for i in mine])
+                    batch = training_batch(cfg, data.train, weights, [np.random.default_rng(int(seeds[i])) for i in mine])
                     window["data"] += time.perf_counter() - t_data
-                    tokens = norm.apply(batch.tokens.to(device))
-                    logits = model(tokens, batch.geometry.to(device), batch.mask.to(device))
-                    loss, ce, dl = segmentation_loss(logits, batch.targets.to(device), cfg.dice_weight,
-                                                     total=group.global_sum)
+                    logits, targets, units = batch_logits(model, batch, device)
+                    loss, ce, dl = segmentation_loss(logits, targets, cfg.dice_weight, total=group.global_sum)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     group.sum_gradients(model.parameters())
@@ -205,21 +226,21 @@ def _train(cfg: TrainConfig, data: TrainingData, device: torch.device, group: Gr
                     window["loss"] += loss_value
                     window["ce"] += ce.item()
                     window["dice"] += dl.item()
-                    window["tokens"] += group.sum_values(batch.tokens_per_crop * len(mine))[0] / cfg.batch_size
+                    window["tokens"] += group.sum_values(units * len(mine))[0] / cfg.batch_size
                     window["n"] += 1
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         n = window["n"]
                         elapsed = time.perf_counter() - window["t0"]
                         write_metric({"event": "train", "step": step, "loss": window["loss"] / n,
                                       "cross_entropy": window["ce"] / n, "dice_loss": window["dice"] / n,
-                                      "lr": lr, "tokens_per_crop": window["tokens"] / n,
+                                      "lr": lr, f"{unit}_per_crop": window["tokens"] / n,
                                       "steps_per_s": n / max(elapsed, 1e-9),
                                       "data_fraction": window["data"] / max(elapsed, 1e-9),
                                       "seconds": round(seconds_before + time.perf_counter() - t_start, 3)})
                         window.update(loss=0.0, ce=0.0, dice=0.0, tokens=0.0, n=0, data=0.0, t0=time.perf_counter())
                     if has_val and group.is_main and (step % cfg.val_every == 0 or step == cfg.steps):
                         card = make_card(cfg, data, training_info())
-                        last_val = validate(model, card, data.val, cfg.quadtree, cfg.patching, cfg.crop)
+                        last_val = validate(model, card, data.val, cfg.crop)
                         improved = last_val["val_foreground_dice"] > best_dice
                         if improved:
                             best_dice, best_step = last_val["val_foreground_dice"], step
