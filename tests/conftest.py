@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,17 @@ def glas_dir() -> Path:
     if not GLAS.is_dir():
         pytest.skip(NO_DATA)
     return GLAS
+
+
+def copy_glas(glas: Path, names: list[str], into: Path) -> tuple[Path, Path]:
+    """GlaS images ``names`` and their masks copied into ``into``/images and ``into``/masks."""
+    images, masks = into / "images", into / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    for name in names:
+        shutil.copy(glas / "images" / f"{name}.png", images)
+        shutil.copy(glas / "masks" / f"{name}.png", masks)
+    return images, masks
 
 
 def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float | None = 0.5, tile: int = 256,

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import textured, write_pyramid_tiff
+from conftest import copy_glas, textured, write_pyramid_tiff
 from shapely.geometry import Polygon, box
 from typer.testing import CliRunner
 
@@ -52,13 +52,7 @@ def error_lines(res) -> list[str]:
 @pytest.fixture
 def glas_few(glas_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     """Five GlaS training images and their masks in their own folders."""
-    images, masks = tmp_path / "data" / "images", tmp_path / "data" / "masks"
-    images.mkdir(parents=True)
-    masks.mkdir()
-    for name in GLAS_FEW:
-        shutil.copy(glas_dir / "images" / f"{name}.png", images)
-        shutil.copy(glas_dir / "masks" / f"{name}.png", masks)
-    return images, masks
+    return copy_glas(glas_dir, GLAS_FEW, tmp_path / "data")
 
 
 def synthetic_images(root: Path, n: int = 3, size: int = 96, binary: bool = True) -> tuple[Path, Path]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import invoke
+from conftest import copy_glas, invoke
 from typer.testing import CliRunner
 
 from wsi_amr.checkpoint import CheckpointError, file_sha256, save_checkpoint
@@ -223,13 +223,7 @@ def train(*args: object):
 
 @pytest.fixture
 def glas_few(glas_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
-    images, masks = tmp_path / "data" / "images", tmp_path / "data" / "masks"
-    images.mkdir(parents=True)
-    masks.mkdir()
-    for name in GLAS_FEW:
-        shutil.copy(glas_dir / "images" / f"{name}.png", images)
-        shutil.copy(glas_dir / "masks" / f"{name}.png", masks)
-    return images, masks
+    return copy_glas(glas_dir, GLAS_FEW, tmp_path / "data")
 
 
 @pytest.mark.slow
