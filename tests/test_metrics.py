@@ -119,3 +119,57 @@ def test_classification_confusion_is_the_same_matrix():
     s = classification_scores(y, p, ["a", "b", "c"])
     assert np.array_equal(s.confusion, confusion_matrix(p.argmax(1), y, 3))
     assert s.accuracy == 0.75 and s.balanced_accuracy == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+# -- objects (GlaS definitions) ----------------------------------------------------------------
+def _discs(shape, centres, radius):
+    import cv2
+
+    m = np.zeros(shape, np.uint8)
+    for c in centres:
+        cv2.circle(m, c, radius, 1, -1)
+    return m
+
+
+def test_object_scores_of_identical_masks_are_perfect():
+    from wsi_amr.metrics import object_scores
+
+    ref = _discs((100, 100), [(20, 20), (70, 70)], 10)
+    s = object_scores(ref, ref)
+    assert (s.true_positives, s.false_positives, s.false_negatives) == (2, 0, 0)
+    assert s.f1 == 1.0 and s.object_dice == pytest.approx(1.0)
+
+
+def test_object_scores_count_misses_and_false_objects():
+    from wsi_amr.metrics import object_scores
+
+    ref = _discs((100, 100), [(20, 20), (70, 70)], 10)
+    pred = _discs((100, 100), [(20, 20), (20, 75)], 10)  # one found, one missed, one false
+    s = object_scores(pred, ref)
+    assert (s.true_positives, s.false_positives, s.false_negatives) == (1, 1, 1)
+    assert s.f1 == pytest.approx(0.5)
+    assert s.object_dice == pytest.approx(0.5)  # half of each side's area matched perfectly, half not at all
+
+
+def test_a_prediction_mostly_outside_its_reference_is_not_a_true_positive():
+    from wsi_amr.metrics import object_scores
+
+    ref = np.zeros((50, 50), np.uint8)
+    ref[10:20, 10:20] = 1
+    pred = np.zeros_like(ref)
+    pred[10:20, 15:40] = 1  # 50 of its 250 pixels in the reference object
+    s = object_scores(pred, ref)
+    assert (s.true_positives, s.false_positives, s.false_negatives) == (0, 1, 1)
+    assert 0 < s.object_dice < 1
+
+
+def test_empty_masks_and_pooling():
+    from wsi_amr.metrics import ObjectScores, object_scores
+
+    empty = np.zeros((10, 10), np.uint8)
+    assert object_scores(empty, empty).f1 == 1.0 and object_scores(empty, empty).object_dice == 1.0
+    one = empty.copy()
+    one[2:5, 2:5] = 1
+    assert object_scores(empty, one).object_dice == 0.0 and object_scores(one, empty).f1 == 0.0
+    pooled = ObjectScores.pooled([object_scores(one, one), object_scores(empty, one)])
+    assert pooled["object_f1"] == pytest.approx(2 / 3) and pooled["object_dice"] == pytest.approx(0.5)

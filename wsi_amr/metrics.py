@@ -19,6 +19,12 @@ differ only in what they do with labels outside 0..K-1 and with a class that is 
 - Foreground Dice: :func:`dice_scores` averages the Dice of the classes 1..K-1 that occur;
   :meth:`DiceTally.foreground` is the Dice of one merged class "any label > 0".
 
+Objects (GlaS challenge definitions, on connected components of a binary mask):
+:func:`object_scores` gives object-level precision, recall and F1 (a predicted object is a true
+positive when more than half of it lies in one reference object) and object Dice (each reference
+object against the predicted object overlapping it most, and each predicted object against the
+reference object overlapping it most, weighted by area).
+
 Classification: :func:`classification_scores` (the confusion matrix of the most probable class,
 accuracy, balanced accuracy, AUC) and :func:`roc_auc`.
 """
@@ -132,6 +138,74 @@ class DiceTally:
         """Dice of each class (1.0 for one absent from every window), rounded to 6 decimals."""
         dices = class_dice(class_counts(self.conf, self.k))
         return {name: round(dices[i], 6) for name, i in classes.items()}
+
+
+# -------------------------------------------------------------------------------------------------
+# Objects: connected components of binary masks
+# -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ObjectScores:
+    """Object-level scores of one image (or pooled counts of several, see :meth:`pooled`)."""
+
+    true_positives: int
+    false_positives: int
+    false_negatives: int
+    object_dice: float
+
+    @property
+    def f1(self) -> float:
+        tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
+        return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+    @staticmethod
+    def pooled(scores: Sequence[ObjectScores]) -> dict[str, float]:
+        """F1 of the summed counts, and the mean object Dice per image."""
+        tp = sum(s.true_positives for s in scores)
+        fp = sum(s.false_positives for s in scores)
+        fn = sum(s.false_negatives for s in scores)
+        total = ObjectScores(tp, fp, fn, 0.0)
+        mean_dice = float(np.mean([s.object_dice for s in scores])) if scores else float("nan")
+        return {"object_f1": total.f1, "object_dice": mean_dice, "objects_tp": tp, "objects_fp": fp, "objects_fn": fn}
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    import cv2
+
+    n, labels = cv2.connectedComponents(np.asarray(mask, bool).astype(np.uint8), connectivity=8)
+    return labels, n - 1
+
+
+def object_scores(pred: np.ndarray, ref: np.ndarray) -> ObjectScores:
+    """Object-level scores of a binary prediction against a binary reference (2-D, same shape),
+    objects being 8-connected components (GlaS: the reference may be an instance map; pass
+    ``ref > 0`` for a class map, or use instance labels via :func:`object_scores_of_labels`)."""
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
+    p, n_p = _components(pred)
+    r, n_r = _components(ref)
+    return object_scores_of_labels(p, n_p, r, n_r)
+
+
+def object_scores_of_labels(p: np.ndarray, n_p: int, r: np.ndarray, n_r: int) -> ObjectScores:
+    """:func:`object_scores` of instance maps: ``p`` labels 1..n_p (0 background), ``r`` 1..n_r."""
+    overlap = np.bincount(r.ravel().astype(np.int64) * (n_p + 1) + p.ravel(),
+                          minlength=(n_r + 1) * (n_p + 1)).reshape(n_r + 1, n_p + 1)
+    ref_area, pred_area = overlap.sum(axis=1), overlap.sum(axis=0)
+    inner = overlap[1:, 1:]  # (n_r, n_p) pixels shared by reference i and prediction j
+    tp = int((inner.max(axis=0) * 2 > pred_area[1:]).sum()) if n_r and n_p else 0
+    matched_ref = int(((inner * 2 > pred_area[None, 1:]).any(axis=1)).sum()) if n_r and n_p else 0
+
+    def side(areas: np.ndarray, other: np.ndarray, shared: np.ndarray) -> float:
+        # Each object against the object of the other side it overlaps most (none: Dice 0), by area.
+        if areas.size == 0:
+            return 1.0 if other.size == 0 else 0.0
+        best = shared.argmax(axis=1) if shared.shape[1] else np.zeros(areas.size, np.int64)
+        inter = shared[np.arange(areas.size), best] if shared.shape[1] else np.zeros(areas.size)
+        dice_each = np.where(inter > 0, 2 * inter / (areas + (other[best] if other.size else 0)), 0.0)
+        return float((dice_each * areas).sum() / areas.sum())
+
+    d = 0.5 * (side(ref_area[1:], pred_area[1:], inner) + side(pred_area[1:], ref_area[1:], inner.T))
+    return ObjectScores(tp, n_p - tp, n_r - matched_ref, d)
 
 
 # -------------------------------------------------------------------------------------------------
