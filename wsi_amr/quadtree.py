@@ -327,9 +327,8 @@ def build_quadtree(
     with no tissue pixel are dropped. Without it every leaf that overlaps the image is kept, and
     (H, W) is ``shape``, which may be left out only when f is 1. The image is covered by a grid of
     ``max_size`` roots from its top-left corner; roots past the right and bottom edges are padded
-    (no edges, no tissue there).
+    (no edges, no tissue there). ``params`` checked itself when it was made.
     """
-    params.validate()
     if edges.ndim != 2:
         raise QuadtreeError("edges must be a 2-D array")
     f = params.edge_downsample

@@ -535,8 +535,6 @@ def classify(
 
     if model is None:
         fail_usage("give the model to classify with: --model runs/NAME/best.safetensors (from `wsi-amr train classify`)")
-    if patch_size is not None and not patch_size > 0:
-        fail_usage(f"--patch-size must be a positive number of level-0 px, got {patch_size}")
     weights, sha = _check_classifier(model, encoder, features, inputs or [])
     _check_device(device)
     if not inputs:

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 from wsi_amr.errors import TrainingInputError
 from wsi_amr.labels import IGNORE
-from wsi_amr.params import carry, from_fields, naming, require, require_one_of
-from wsi_amr.quadtree import QuadtreeError, QuadtreeParams, is_power_of_two
+from wsi_amr.params import from_fields, naming, require, require_one_of
+from wsi_amr.quadtree import QuadtreeParams, is_power_of_two
 from wsi_amr.tissue import TissueParams
 
 #: Crop geometry is shifted by a random offset below this many working px, so the model learns
@@ -206,10 +206,6 @@ class TrainConfig:
             raise bad(f"patching must be adaptive or uniform, not {self.patching!r}", "patching")
         if not is_power_of_two(self.token_size):
             raise bad(f"token_size must be a power of two, got {self.token_size}", "token_size")
-        try:
-            self.quadtree.validate()
-        except QuadtreeError as exc:
-            raise carry(bad(str(exc)), exc) from None
         if self.token_size > self.quadtree.max_size:
             raise bad(f"token_size ({self.token_size}) is larger than max_size ({self.quadtree.max_size})",
                       "token_size", "max_size")
